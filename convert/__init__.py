@@ -1,0 +1,1 @@
+"""ggforge.convert"""

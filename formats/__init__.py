@@ -1,0 +1,1 @@
+"""Bytes on disk: GGUF reader/writer, safetensors reader, quantization types."""
