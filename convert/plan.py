@@ -1,0 +1,142 @@
+"""Plan a conversion: which tensors, under which GGUF names, in which types, with what metadata.
+
+Planning reads only headers and small json files, so a whole plan (and the output size) is
+known before a single weight is read.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+from gguf import GGUFValueType as V
+
+from ggforge.convert.archs import ArchSpec, HParams, spec_for_config
+from ggforge.convert.archs.base import SKIP_MARKERS, SKIP_SUFFIXES
+from ggforge.convert.mixes import FileType, Mixer, MixOptions, llama_order
+from ggforge.convert.tokenizer import export_tokenizer
+from ggforge.formats.checkpoint import Checkpoint
+from ggforge.formats.errors import FormatError, UnsupportedModelError
+from ggforge.formats.gguf_writer import KV
+from ggforge.formats.quants import QuantType, get_type
+
+_CONVERTIBLE_DTYPES = ("F32", "F16", "BF16")
+
+
+@dataclass
+class PlannedTensor:
+    """One output tensor: where it comes from and what it becomes."""
+
+    name: str                        # GGUF name, e.g. "blk.0.attn_q.weight"
+    source: str | None               # HF tensor name; None for generated tensors
+    shape: tuple[int, ...]           # numpy order
+    qtype: QuantType | None = None   # set once all tensors are known (mixes count them)
+    generated: np.ndarray | None = None
+
+    @property
+    def n_elements(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass
+class ConversionPlan:
+    checkpoint: Checkpoint
+    spec: ArchSpec
+    hparams: HParams
+    file_type: FileType
+    model_name: str
+    tensors: list[PlannedTensor] = field(default_factory=list)
+    metadata: list[KV] = field(default_factory=list)
+
+    @property
+    def n_params(self) -> int:
+        return sum(t.n_elements for t in self.tensors)
+
+
+def load_config(model_dir: Path) -> dict[str, Any]:
+    path = model_dir / "config.json"
+    if not path.is_file():
+        raise FormatError(f"{path}: missing; the model folder needs its config.json")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise FormatError(f"{path}: expected a JSON object")
+    return config
+
+
+def _gguf_name(spec: ArchSpec, name_map: gguf.TensorNameMap, hf_name: str) -> str | None:
+    """GGUF name of an HF tensor, None when llama.cpp's converter drops it."""
+    if hf_name.endswith(SKIP_SUFFIXES) or any(m in hf_name for m in SKIP_MARKERS):
+        return None
+    name = hf_name.replace("language_model.", "")  # text model inside a multimodal checkpoint
+    new = name_map.get_name(name, try_suffixes=(".weight", ".bias"))
+    if new is None:
+        raise UnsupportedModelError(f"tensor {hf_name!r}: no {spec.name} GGUF name for it; "
+                                    "is the checkpoint of the architecture its config.json names?")
+    return new
+
+
+def plan_conversion(source: str | Path, file_type: FileType, overrides: list[KV] | None = None,
+                    options: MixOptions | None = None) -> ConversionPlan:
+    """Everything about a conversion except the weights themselves."""
+    ckpt = Checkpoint.open(source)
+    config = load_config(ckpt.model_dir)
+    spec = spec_for_config(config, str(ckpt.model_dir / "config.json"))
+    hp = HParams.from_config(config, str(ckpt.model_dir / "config.json"))
+    n_blocks = int(hp.need("num_hidden_layers", "n_layer"))
+    name_map = spec.name_map(n_blocks)
+    plan = ConversionPlan(ckpt, spec, hp, file_type, model_name=ckpt.model_dir.resolve().name)
+
+    for gname, data in spec.extra_tensors(hp):
+        plan.tensors.append(PlannedTensor(gname, None, data.shape, generated=data))
+    seen: dict[str, str] = {}
+    for hf_name, entry in ckpt.tensors.items():
+        gname = _gguf_name(spec, name_map, hf_name)
+        if gname is None:
+            continue
+        if entry.dtype not in _CONVERTIBLE_DTYPES:
+            raise UnsupportedModelError(f"tensor {hf_name!r} has dtype {entry.dtype}; "
+                                        f"supported: {', '.join(_CONVERTIBLE_DTYPES)}")
+        if gname in seen:
+            raise UnsupportedModelError(f"tensors {seen[gname]!r} and {hf_name!r} both map to {gname!r}")
+        seen[gname] = hf_name
+        shape = tuple(entry.shape)
+        plan.tensors.append(PlannedTensor(gname, hf_name, shape))
+    plan.tensors.sort(key=lambda t: llama_order(t.name))
+    if not any(t.name == "token_embd.weight" for t in plan.tensors):
+        raise UnsupportedModelError(f"{ckpt.model_dir}: no token embedding tensor found")
+
+    mixer = Mixer(file_type, [t.name for t in plan.tensors], n_layer=n_blocks,
+                  n_gqa=hp.n_head // hp.n_head_kv,
+                  is_70b=spec.name == "llama" and n_blocks == 80,  # llama.cpp's LLM_TYPE_70B
+                  options=options)
+    for t in plan.tensors:  # in llama.cpp's order: the mixes count layers as they go
+        t.qtype = get_type(mixer.tensor_type(t.name, t.shape))
+    plan.metadata = _metadata(plan, overrides or [])
+    return plan
+
+
+def _metadata(plan: ConversionPlan, overrides: list[KV]) -> list[KV]:
+    G = gguf.Keys.General
+    kvs = [
+        KV(G.ARCHITECTURE, V.STRING, plan.spec.name),
+        KV(G.TYPE, V.STRING, "model"),
+        KV(G.NAME, V.STRING, plan.model_name),
+        KV(G.SIZE_LABEL, V.STRING, gguf.size_label(plan.n_params, 0, 0, 0)),
+    ]
+    kvs += plan.spec.hparam_kvs(plan.hparams)
+    kvs += [KV(G.FILE_TYPE, V.UINT32, int(plan.file_type.ftype)),
+            KV(G.QUANTIZATION_VERSION, V.UINT32, gguf.GGML_QUANT_VERSION)]
+    kvs += export_tokenizer(plan.checkpoint.model_dir, plan.spec.name)
+    merged: dict[str, KV] = {}
+    for kv in kvs + overrides:
+        merged[kv.key] = kv
+    return list(merged.values())

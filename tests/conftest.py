@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny models built once per session, and the error table printed at the end."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # tests/ helpers (model_factory, oracles)
+
+# (architecture, file type) -> relative logit error against transformers; printed at the end
+LOGIT_ERRORS: dict[tuple[str, str], float] = {}
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--run-slow", action="store_true", help="run tests marked slow")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--run-slow"):
+        return
+    skip = pytest.mark.skip(reason="slow: pass --run-slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory):
+    """tiny_model(name, dtype='float32') -> folder of a tiny HF model, built once."""
+    from model_factory import build_model
+
+    cache: dict[tuple[str, str], Path] = {}
+
+    def get(name: str, dtype: str = "float32") -> Path:
+        key = (name, dtype)
+        if key not in cache:
+            cache[key] = build_model(name, tmp_path_factory.mktemp(f"{name}-{dtype}"), dtype=dtype)
+        return cache[key]
+
+    return get
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:  # noqa: ARG001
+    if not LOGIT_ERRORS:
+        return
+    archs = sorted({a for a, _ in LOGIT_ERRORS})
+    types = [t for t in ("F32", "F16", "BF16", "Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0")
+             if any(t == tt for _, tt in LOGIT_ERRORS)]
+    tr = terminalreporter
+    tr.section("llama.cpp logits vs transformers: max |diff| / max |logit|")
+    tr.write_line("arch".ljust(10) + "".join(t.rjust(10) for t in types))
+    for a in archs:
+        cells = [f"{LOGIT_ERRORS[(a, t)]:.2e}" if (a, t) in LOGIT_ERRORS else "-" for t in types]
+        tr.write_line(a.ljust(10) + "".join(c.rjust(10) for c in cells))

@@ -1,0 +1,27 @@
+"""llama.cpp (through llama-cpp-python) as the oracle for files we write."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+llama_cpp = pytest.importorskip("llama_cpp")
+
+
+def load(path: Path, n_ctx: int = 256):
+    """A llama.cpp context over `path`, all logits kept, 2 threads, F32 KV cache (llama.cpp's
+    default F16 cache would add its own rounding to every comparison)."""
+    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
+                           n_threads=2, logits_all=True, verbose=False, seed=0,
+                           type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
+
+
+def logits(path: Path, token_ids: list[int]) -> np.ndarray:
+    """llama.cpp's logits (n_tokens, n_vocab) for one sequence."""
+    llm = load(path)
+    try:
+        llm.eval(token_ids)
+        return np.array(llm.scores[: len(token_ids)], dtype=np.float32)
+    finally:
+        llm.close()

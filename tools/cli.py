@@ -1,0 +1,210 @@
+"""The command line: `ggforge quantize|inspect ...` and the `quantize` shortcut.
+
+Argument parsing and printing only; the work is library calls. Errors of ours become one
+line on stderr and a non-zero exit, never a traceback.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from typing import Any, Callable
+
+import click
+from gguf import GGUFValueType as V
+
+from ggforge.formats.errors import FormatError, QuantizationError, UnsupportedModelError
+from ggforge.formats.gguf_writer import KV
+from ggforge.tools.table import format_table, human_bytes
+
+EXPECTED_ERRORS = (FormatError, QuantizationError, UnsupportedModelError, OSError)
+
+
+def _one_line_errors(fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except EXPECTED_ERRORS as e:
+            msg = str(e).strip().replace("\n", " ") or type(e).__name__
+            click.echo(f"error: {msg}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("interrupted: nothing was written", err=True)
+            sys.exit(130)
+    return wrapper
+
+
+def parse_meta(text: str) -> KV:
+    """`KEY=VALUE` or `KEY=TYPE:VALUE` (TYPE: str, int, uint, float, bool) -> a typed entry."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise click.BadParameter(f"{text!r}: expected KEY=VALUE")
+    kind, colon, rest = value.partition(":")
+    explicit = {"str": V.STRING, "int": V.INT32, "uint": V.UINT32, "float": V.FLOAT32, "bool": V.BOOL}
+    if colon and kind in explicit:
+        vtype, value = explicit[kind], rest
+    elif value.lower() in ("true", "false"):
+        vtype = V.BOOL
+    else:
+        vtype = V.STRING
+        for t, conv in ((V.UINT32, int), (V.FLOAT32, float)):
+            try:
+                conv(value)
+                vtype = t
+                break
+            except ValueError:
+                pass
+    try:
+        if vtype == V.BOOL:
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(value)
+            return KV(key, vtype, value.lower() in ("true", "1"))
+        if vtype in (V.UINT32, V.INT32):
+            n = int(value)
+            if vtype == V.UINT32 and n < 0:
+                vtype = V.INT32
+            return KV(key, vtype, n)
+        if vtype == V.FLOAT32:
+            return KV(key, vtype, float(value))
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: {value!r} is not a valid {kind}") from None
+    return KV(key, V.STRING, value)
+
+
+def _tensor_type(text: str | None) -> str | None:
+    """A ggml tensor type name (q6_k -> Q6_K), checked against the registry."""
+    if text is None:
+        return None
+    from ggforge.formats.quants import get_type
+
+    return get_type(text).name
+
+
+def _pattern_type(text: str) -> tuple[str, str]:
+    import re
+
+    pattern, sep, type_name = text.rpartition("=")
+    if not sep or not pattern:
+        raise click.BadParameter(f"{text!r}: expected PATTERN=TYPE")
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise click.BadParameter(f"{pattern!r} is not a valid regular expression: {e}") from None
+    return pattern, _tensor_type(type_name)
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="Log what the library does.")
+def cli(verbose: bool) -> None:
+    """ggforge: Hugging Face safetensors -> GGUF, and what is inside a model file."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
+@click.command("quantize")
+@click.argument("source", type=click.Path())
+@click.argument("type_", metavar="TYPE")
+@click.option("-o", "--output", type=click.Path(), help="Output file (default: beside the source, <model>-<TYPE>.gguf).")
+@click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+@click.option("--meta", "metas", multiple=True, help="Set a metadata key: KEY=VALUE or KEY=TYPE:VALUE (repeatable).")
+@click.option("--output-tensor-type", help="Type of output.weight (as llama-quantize).")
+@click.option("--token-embedding-type", help="Type of token_embd.weight (as llama-quantize).")
+@click.option("--tensor-type", "tensor_types", multiple=True,
+              help="PATTERN=TYPE: tensors whose name matches the regex PATTERN get TYPE (repeatable).")
+@click.option("--pure", is_flag=True, help="Every quantizable tensor gets TYPE's base type: no mix.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@_one_line_errors
+def quantize_cmd(source: str, type_: str, output: str | None, force: bool, metas: tuple[str, ...],
+                 output_tensor_type: str | None, token_embedding_type: str | None,
+                 tensor_types: tuple[str, ...], pure: bool, no_progress: bool) -> None:
+    """Convert SOURCE (a .safetensors file, a model folder or a sharded index) to a GGUF of TYPE.
+
+    TYPE (case-insensitive): F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q5_0 Q5_1 Q2_K Q3_K_S Q3_K_M Q3_K_L
+    Q4_K_S Q4_K_M Q5_K_S Q5_K_M Q6_K IQ4_NL IQ4_XS; short names q2 q3 q4 q5 q6 q8 give
+    Q2_K Q3_K_M Q4_K_M Q5_K_M Q6_K Q8_0.
+    """
+    from tqdm import tqdm
+
+    from ggforge.convert.mixes import MixOptions
+    from ggforge.convert.pipeline import convert
+
+    overrides = [parse_meta(m) for m in metas]
+    options = MixOptions(output_type=_tensor_type(output_tensor_type),
+                         token_embedding_type=_tensor_type(token_embedding_type),
+                         tensor_types=[_pattern_type(p) for p in tensor_types], pure=pure)
+    bar: list[Any] = []
+
+    def on_plan(plan: Any) -> None:
+        total = sum(t.n_elements for t in plan.tensors)
+        bar.append(tqdm(total=total, unit="param", unit_scale=True, disable=no_progress,
+                        desc=f"{plan.model_name} -> {plan.file_type.name}", file=sys.stderr))
+
+    def progress(t: Any) -> None:
+        bar[0].set_postfix_str(t.name, refresh=False)
+        bar[0].update(t.n_elements)
+
+    try:
+        result = convert(source, type_, output, force=force, overrides=overrides, options=options,
+                         progress=progress, on_plan=on_plan)
+    finally:
+        for b in bar:
+            b.close()
+    rows = [[name, n, p, human_bytes(b), round(8 * b / max(p, 1), 2)]
+            for name, (n, p, b) in sorted(result.by_type.items())]
+    click.echo(format_table(["type", "tensors", "params", "size", "bits/weight"], rows))
+    click.echo(f"\nwrote {result.output}  ({human_bytes(result.file_size)}, "
+               f"{result.n_params:,} params, {result.bits_per_weight:.2f} bits/weight, "
+               f"{result.seconds:.1f} s)")
+
+
+@click.command("inspect")
+@click.argument("path", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_one_line_errors
+def inspect_cmd(path: str, as_json: bool) -> None:
+    """Show what is inside a GGUF or safetensors file."""
+    from ggforge.formats.summary import summarize
+
+    s = summarize(path)
+    if as_json:
+        click.echo(json.dumps(s, indent=1, default=str))
+        return
+    click.echo(f"{s['file']}: {s['format']}" + (f" v{s['version']}" if "version" in s else "")
+               + f", {human_bytes(s['file_size'])}")
+    if s["metadata"]:
+        click.echo("\nmetadata")
+        click.echo(format_table(["key", "value"], [[k, _short(v)] for k, v in s["metadata"].items()]))
+    click.echo("\ntensors")
+    click.echo(format_table(["name", "type", "shape", "bytes"],
+                            [[t["name"], t["type"], "x".join(map(str, t["shape"])) or "scalar", t["bytes"]]
+                             for t in s["tensors"]]))
+    click.echo("\ntotals by type")
+    rows = [[k, d["tensors"], d["params"], human_bytes(d["bytes"]), round(8 * d["bytes"] / max(d["params"], 1), 2)]
+            for k, d in sorted(s["totals_by_type"].items())]
+    click.echo(format_table(["type", "tensors", "params", "size", "bits/weight"], rows))
+    click.echo(f"\n{s['params']:,} parameters, {human_bytes(s['tensor_bytes'])} of tensors, "
+               f"{s['bits_per_weight']:.2f} bits per weight")
+
+
+def _short(v: Any, width: int = 100) -> str:
+    if isinstance(v, dict) and "array_length" in v:
+        text = f"[{v['array_length']:,} items] " + json.dumps(v["first"], ensure_ascii=False)[:-1] + ", ...]"
+    else:
+        text = json.dumps(v, ensure_ascii=False) if not isinstance(v, str) else v
+    text = text.replace("\n", "\\n")
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+cli.add_command(quantize_cmd)
+cli.add_command(inspect_cmd)
+
+
+def main() -> None:
+    cli()
+
+
+def quantize_main() -> None:
+    """The `quantize` shortcut: the same command as `ggforge quantize`."""
+    quantize_cmd()
