@@ -78,6 +78,7 @@ class MixOptions:
     tensor_types: list[tuple[str, str]] = field(default_factory=list)  # --tensor-type PATTERN=TYPE
     pure: bool = False                         # --pure
     has_imatrix: bool = False                  # --imatrix given
+    allow_requantize: bool = False             # --allow-requantize (GGUF sources)
 
 
 def llama_order(name: str) -> tuple[int, str]:

@@ -18,6 +18,7 @@ from ggforge.formats.atomic import atomic_output, check_output
 from ggforge.formats.errors import FormatError
 from ggforge.formats.gguf_reader import GGUFFile
 from ggforge.formats.gguf_writer import KV, GGUFWriter
+from ggforge.formats.imatrix import imatrix_for
 from ggforge.formats.quants import quantize
 
 log = logging.getLogger(__name__)
@@ -43,11 +44,12 @@ class ConvertResult:
 
 def default_output(plan: ConversionPlan) -> Path:
     """`<model-name>-<TYPE>.gguf` in the model's folder."""
-    return plan.checkpoint.model_dir / f"{plan.model_name}-{plan.file_type.name}.gguf"
+    return plan.model_dir / f"{plan.model_name}-{plan.file_type.name}.gguf"
 
 
 def convert(source: str | Path, file_type: str | FileType, output: str | Path | None = None, *,
             force: bool = False, overrides: Iterable[KV] = (), options: MixOptions | None = None,
+            imatrix: dict[str, np.ndarray] | None = None,
             progress: Callable[[PlannedTensor], None] | None = None,
             on_plan: Callable[[ConversionPlan], None] | None = None) -> ConvertResult:
     """Convert a safetensors checkpoint (file, folder or index) into one GGUF file."""
@@ -56,7 +58,7 @@ def convert(source: str | Path, file_type: str | FileType, output: str | Path | 
     plan = plan_conversion(source, ft, list(overrides), options)
     try:
         out = Path(output) if output is not None else default_output(plan)
-        check_output(out, plan.checkpoint.files, force=force)
+        check_output(out, plan.inputs, force=force)
         writer = _declare(plan)
         if on_plan is not None:
             on_plan(plan)
@@ -65,7 +67,7 @@ def convert(source: str | Path, file_type: str | FileType, output: str | Path | 
             writer.attach(f)
             writer.write_header()
             for t in plan.tensors:
-                _write_tensor(writer, plan, t)
+                _write_tensor(writer, plan, t, imatrix)
                 if progress is not None:
                     progress(t)
             writer.finish()
@@ -76,7 +78,7 @@ def convert(source: str | Path, file_type: str | FileType, output: str | Path | 
             result.by_type[t.qtype.name] = (n + 1, p + t.n_elements, b + t.qtype.nbytes(t.shape))
         return result
     finally:
-        plan.checkpoint.close()
+        plan.close()
 
 
 def _declare(plan: ConversionPlan) -> GGUFWriter:
@@ -87,18 +89,16 @@ def _declare(plan: ConversionPlan) -> GGUFWriter:
     return w
 
 
-def _load(plan: ConversionPlan, t: PlannedTensor) -> np.ndarray:
-    if t.generated is not None:
-        return t.generated
-    data = plan.checkpoint.read_float32(t.source)
-    return plan.spec.transform(t.source, data, plan.hparams)
-
-
-def _write_tensor(writer: GGUFWriter, plan: ConversionPlan, t: PlannedTensor) -> None:
-    data = _load(plan, t)  # (..., n_per_row) float32
+def _write_tensor(writer: GGUFWriter, plan: ConversionPlan, t: PlannedTensor,
+                  imatrix: dict[str, np.ndarray] | None) -> None:
+    if plan.read_raw is not None and t.qtype.name == t.source_type:
+        writer.write_tensor(t.name, plan.read_raw(t))  # same type: copy the bytes as they are
+        return
+    data = plan.read(t)  # (..., n_per_row) float32
     rows = data.reshape(-1, t.shape[-1]) if data.ndim else data.reshape(1, 1)
+    weights = imatrix_for(imatrix, t.name, rows.shape[1]) if t.qtype.block_size > 1 else None
     step = max(1, CHUNK_ELEMENTS // max(rows.shape[1], 1))
-    parts = (quantize(rows[i:i + step], t.qtype, name=t.source or t.name)
+    parts = (quantize(rows[i:i + step], t.qtype, name=t.source or t.name, imatrix=weights)
              for i in range(0, rows.shape[0], step))
     writer.write_tensor_chunks(t.name, parts)
 

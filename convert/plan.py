@@ -8,13 +8,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import gguf
 import numpy as np
 from gguf import GGUFValueType as V
 
-from ggforge.convert.archs import ArchSpec, HParams, spec_for_config
+from ggforge.convert.archs import ArchSpec, HParams, spec_for_config  # noqa: F401
 from ggforge.convert.archs.base import SKIP_MARKERS, SKIP_SUFFIXES
 from ggforge.convert.mixes import FileType, Mixer, MixOptions, llama_order
 from ggforge.convert.tokenizer import export_tokenizer
@@ -31,10 +31,11 @@ class PlannedTensor:
     """One output tensor: where it comes from and what it becomes."""
 
     name: str                        # GGUF name, e.g. "blk.0.attn_q.weight"
-    source: str | None               # HF tensor name; None for generated tensors
+    source: str | None               # name in the source; None for generated tensors
     shape: tuple[int, ...]           # numpy order
     qtype: QuantType | None = None   # set once all tensors are known (mixes count them)
     generated: np.ndarray | None = None
+    source_type: str = "F32"         # what a tensor that is not quantized keeps
 
     @property
     def n_elements(self) -> int:
@@ -46,11 +47,15 @@ class PlannedTensor:
 
 @dataclass
 class ConversionPlan:
-    checkpoint: Checkpoint
-    spec: ArchSpec
-    hparams: HParams
-    file_type: FileType
+    """What will be written, and how to read each tensor from the source."""
+
+    inputs: list[Path]               # files the output must not overwrite
+    model_dir: Path                  # default output folder
     model_name: str
+    file_type: FileType
+    read: Callable[[PlannedTensor], np.ndarray]          # float32, shape t.shape
+    read_raw: Callable[[PlannedTensor], np.ndarray] | None = None  # bytes as stored (copies)
+    close: Callable[[], None] = lambda: None
     tensors: list[PlannedTensor] = field(default_factory=list)
     metadata: list[KV] = field(default_factory=list)
 
@@ -87,13 +92,33 @@ def _gguf_name(spec: ArchSpec, name_map: gguf.TensorNameMap, hf_name: str) -> st
 def plan_conversion(source: str | Path, file_type: FileType, overrides: list[KV] | None = None,
                     options: MixOptions | None = None) -> ConversionPlan:
     """Everything about a conversion except the weights themselves."""
+    if Path(source).is_file() and Path(source).suffix == ".gguf":
+        from ggforge.convert.gguf_source import plan_requantization
+
+        return plan_requantization(Path(source), file_type, overrides or [], options)
     ckpt = Checkpoint.open(source)
+    try:
+        return _plan_hf(ckpt, file_type, overrides or [], options)
+    except BaseException:
+        ckpt.close()
+        raise
+
+
+def _plan_hf(ckpt: Checkpoint, file_type: FileType, overrides: list[KV],
+             options: MixOptions | None) -> ConversionPlan:
     config = load_config(ckpt.model_dir)
     spec = spec_for_config(config, str(ckpt.model_dir / "config.json"))
     hp = HParams.from_config(config, str(ckpt.model_dir / "config.json"))
     n_blocks = int(hp.need("num_hidden_layers", "n_layer"))
     name_map = spec.name_map(n_blocks)
-    plan = ConversionPlan(ckpt, spec, hp, file_type, model_name=ckpt.model_dir.resolve().name)
+
+    def read(t: PlannedTensor) -> np.ndarray:
+        if t.generated is not None:
+            return t.generated
+        return spec.transform(t.source, ckpt.read_float32(t.source), hp)
+
+    plan = ConversionPlan(list(ckpt.files), ckpt.model_dir, ckpt.model_dir.resolve().name,
+                          file_type, read=read, close=ckpt.close)
 
     for gname, data in spec.extra_tensors(hp):
         plan.tensors.append(PlannedTensor(gname, None, data.shape, generated=data))
@@ -110,32 +135,40 @@ def plan_conversion(source: str | Path, file_type: FileType, overrides: list[KV]
         seen[gname] = hf_name
         shape = tuple(entry.shape)
         plan.tensors.append(PlannedTensor(gname, hf_name, shape))
-    plan.tensors.sort(key=lambda t: llama_order(t.name))
     if not any(t.name == "token_embd.weight" for t in plan.tensors):
         raise UnsupportedModelError(f"{ckpt.model_dir}: no token embedding tensor found")
-
-    mixer = Mixer(file_type, [t.name for t in plan.tensors], n_layer=n_blocks,
-                  n_gqa=hp.n_head // hp.n_head_kv,
-                  is_70b=spec.name == "llama" and n_blocks == 80,  # llama.cpp's LLM_TYPE_70B
-                  options=options)
-    for t in plan.tensors:  # in llama.cpp's order: the mixes count layers as they go
-        t.qtype = get_type(mixer.tensor_type(t.name, t.shape))
-    plan.metadata = _metadata(plan, overrides or [])
+    assign_types(plan, n_layer=n_blocks, n_gqa=hp.n_head // hp.n_head_kv,
+                 is_70b=spec.name == "llama" and n_blocks == 80,  # llama.cpp's LLM_TYPE_70B
+                 options=options)
+    kvs = [KV(gguf.Keys.General.ARCHITECTURE, V.STRING, spec.name),
+           KV(gguf.Keys.General.TYPE, V.STRING, "model"),
+           KV(gguf.Keys.General.NAME, V.STRING, plan.model_name),
+           KV(gguf.Keys.General.SIZE_LABEL, V.STRING, gguf.size_label(plan.n_params, 0, 0, 0))]
+    kvs += spec.hparam_kvs(hp)
+    kvs += file_type_kvs(file_type)
+    kvs += export_tokenizer(ckpt.model_dir, spec.name)
+    plan.metadata = merge_kvs(kvs, overrides)
     return plan
 
 
-def _metadata(plan: ConversionPlan, overrides: list[KV]) -> list[KV]:
+def assign_types(plan: ConversionPlan, *, n_layer: int, n_gqa: int, is_70b: bool,
+                 options: MixOptions | None) -> None:
+    """Give every planned tensor its type, in llama.cpp's order (the mixes count layers)."""
+    plan.tensors.sort(key=lambda t: llama_order(t.name))
+    mixer = Mixer(plan.file_type, [t.name for t in plan.tensors], n_layer=n_layer,
+                  n_gqa=n_gqa, is_70b=is_70b, options=options)
+    for t in plan.tensors:
+        t.qtype = get_type(mixer.tensor_type(t.name, t.shape, t.source_type))
+
+
+def file_type_kvs(file_type: FileType) -> list[KV]:
     G = gguf.Keys.General
-    kvs = [
-        KV(G.ARCHITECTURE, V.STRING, plan.spec.name),
-        KV(G.TYPE, V.STRING, "model"),
-        KV(G.NAME, V.STRING, plan.model_name),
-        KV(G.SIZE_LABEL, V.STRING, gguf.size_label(plan.n_params, 0, 0, 0)),
-    ]
-    kvs += plan.spec.hparam_kvs(plan.hparams)
-    kvs += [KV(G.FILE_TYPE, V.UINT32, int(plan.file_type.ftype)),
+    return [KV(G.FILE_TYPE, V.UINT32, int(file_type.ftype)),
             KV(G.QUANTIZATION_VERSION, V.UINT32, gguf.GGML_QUANT_VERSION)]
-    kvs += export_tokenizer(plan.checkpoint.model_dir, plan.spec.name)
+
+
+def merge_kvs(kvs: list[KV], overrides: list[KV]) -> list[KV]:
+    """Later entries win; each key keeps its first position."""
     merged: dict[str, KV] = {}
     for kv in kvs + overrides:
         merged[kv.key] = kv

@@ -114,12 +114,17 @@ def cli(verbose: bool) -> None:
 @click.option("--tensor-type", "tensor_types", multiple=True,
               help="PATTERN=TYPE: tensors whose name matches the regex PATTERN get TYPE (repeatable).")
 @click.option("--pure", is_flag=True, help="Every quantizable tensor gets TYPE's base type: no mix.")
+@click.option("--imatrix", "imatrix_path", type=click.Path(),
+              help="llama.cpp importance matrix (GGUF or legacy .dat) for the K-quants.")
+@click.option("--allow-requantize", is_flag=True,
+              help="Allow requantizing tensors of a GGUF source that are already quantized.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @_one_line_errors
 def quantize_cmd(source: str, type_: str, output: str | None, force: bool, metas: tuple[str, ...],
                  output_tensor_type: str | None, token_embedding_type: str | None,
-                 tensor_types: tuple[str, ...], pure: bool, no_progress: bool) -> None:
-    """Convert SOURCE (a .safetensors file, a model folder or a sharded index) to a GGUF of TYPE.
+                 tensor_types: tuple[str, ...], pure: bool, imatrix_path: str | None,
+                 allow_requantize: bool, no_progress: bool) -> None:
+    """Convert SOURCE (a .safetensors file, a model folder, a sharded index, or a GGUF) to TYPE.
 
     TYPE (case-insensitive): F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q5_0 Q5_1 Q2_K Q3_K_S Q3_K_M Q3_K_L
     Q4_K_S Q4_K_M Q5_K_S Q5_K_M Q6_K IQ4_NL IQ4_XS; short names q2 q3 q4 q5 q6 q8 give
@@ -133,7 +138,13 @@ def quantize_cmd(source: str, type_: str, output: str | None, force: bool, metas
     overrides = [parse_meta(m) for m in metas]
     options = MixOptions(output_type=_tensor_type(output_tensor_type),
                          token_embedding_type=_tensor_type(token_embedding_type),
-                         tensor_types=[_pattern_type(p) for p in tensor_types], pure=pure)
+                         tensor_types=[_pattern_type(p) for p in tensor_types], pure=pure,
+                         has_imatrix=imatrix_path is not None, allow_requantize=allow_requantize)
+    imatrix = None
+    if imatrix_path is not None:
+        from ggforge.formats.imatrix import load_imatrix
+
+        imatrix = load_imatrix(imatrix_path)
     bar: list[Any] = []
 
     def on_plan(plan: Any) -> None:
@@ -147,7 +158,7 @@ def quantize_cmd(source: str, type_: str, output: str | None, force: bool, metas
 
     try:
         result = convert(source, type_, output, force=force, overrides=overrides, options=options,
-                         progress=progress, on_plan=on_plan)
+                         imatrix=imatrix, progress=progress, on_plan=on_plan)
     finally:
         for b in bar:
             b.close()
