@@ -44,6 +44,10 @@ MODELS: dict[str, TinyModel] = {m.name: m for m in [
     TinyModel("qwen3", "Qwen3Config", "qwen2-bpe",
               dict(tie_word_embeddings=True, num_attention_heads=8, head_dim=64,
                    rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
+    # rows of 96 and 200 columns: K-quants fall back (to 32-block types, then to F16)
+    TinyModel("llama-odd", "LlamaConfig", "llama2-spm",
+              dict(hidden_size=96, intermediate_size=200, num_attention_heads=3, num_key_value_heads=1,
+                   tie_word_embeddings=False)),
     TinyModel("gemma3", "Gemma3TextConfig", "gemma3-spm",
               dict(num_hidden_layers=6, head_dim=64, query_pre_attn_scalar=64, sliding_window=4,
                    rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh")),

@@ -11,6 +11,7 @@ from ggforge.formats.quants.registry import TYPES, QuantType, dequantize, get_ty
 from ggforge.formats.quants.floats import bf16_to_float32, float32_to_bf16
 from ggforge.formats.quants import floats as _floats  # noqa: F401  (registers F32, F16, BF16)
 from ggforge.formats.quants import legacy as _legacy  # noqa: F401  (registers Q8_0, Q4_*, Q5_*)
+from ggforge.formats.quants import kquants as _kquants  # noqa: F401  (registers Q2_K..Q6_K, IQ4_*)
 
 __all__ = [
     "TYPES",
