@@ -36,6 +36,7 @@ class PlannedTensor:
     qtype: QuantType | None = None   # set once all tensors are known (mixes count them)
     generated: np.ndarray | None = None
     source_type: str = "F32"         # what a tensor that is not quantized keeps
+    rows: int | None = None          # keep only the first `rows` rows of the source
 
     @property
     def n_elements(self) -> int:
@@ -115,7 +116,10 @@ def _plan_hf(ckpt: Checkpoint, file_type: FileType, overrides: list[KV],
     def read(t: PlannedTensor) -> np.ndarray:
         if t.generated is not None:
             return t.generated
-        return spec.transform(t.source, ckpt.read_float32(t.source), hp)
+        data = ckpt.read_float32(t.source)
+        if t.rows is not None:
+            data = data[: t.rows]
+        return spec.transform(t.source, data, hp)
 
     plan = ConversionPlan(list(ckpt.files), ckpt.model_dir, ckpt.model_dir.resolve().name,
                           file_type, read=read, close=ckpt.close)
@@ -137,6 +141,12 @@ def _plan_hf(ckpt: Checkpoint, file_type: FileType, overrides: list[KV],
         plan.tensors.append(PlannedTensor(gname, hf_name, shape))
     if not any(t.name == "token_embd.weight" for t in plan.tensors):
         raise UnsupportedModelError(f"{ckpt.model_dir}: no token embedding tensor found")
+    tokenizer_kvs = export_tokenizer(ckpt.model_dir, spec.name)
+    if spec.trim_embd_to_vocab:
+        n_vocab = next(len(kv.value) for kv in tokenizer_kvs if kv.key == gguf.Keys.Tokenizer.LIST)
+        for t in plan.tensors:
+            if t.name == "token_embd.weight" and t.shape[0] > n_vocab:
+                t.rows, t.shape = n_vocab, (n_vocab, *t.shape[1:])
     assign_types(plan, n_layer=n_blocks, n_gqa=hp.n_head // hp.n_head_kv,
                  is_70b=spec.name == "llama" and n_blocks == 80,  # llama.cpp's LLM_TYPE_70B
                  options=options)
@@ -146,7 +156,7 @@ def _plan_hf(ckpt: Checkpoint, file_type: FileType, overrides: list[KV],
            KV(gguf.Keys.General.SIZE_LABEL, V.STRING, gguf.size_label(plan.n_params, 0, 0, 0))]
     kvs += spec.hparam_kvs(hp)
     kvs += file_type_kvs(file_type)
-    kvs += export_tokenizer(ckpt.model_dir, spec.name)
+    kvs += tokenizer_kvs
     plan.metadata = merge_kvs(kvs, overrides)
     return plan
 

@@ -7,7 +7,7 @@ import pytest
 
 import llama_oracle
 from conftest import LOGIT_ERRORS
-from model_factory import MODELS, hf_logits
+from model_factory import MODELS, hf_logits, read_config
 from ggforge.convert.pipeline import convert
 from ggforge.formats.gguf_reader import GGUFFile
 from ggforge.formats.safetensors import SafetensorsFile
@@ -112,3 +112,59 @@ def test_sharded_checkpoint_equals_single_file(tmp_path):
         for name in ga.tensors:
             assert np.array_equal(ga.raw(name), gb.raw(name)), name
             assert np.array_equal(ga.raw(name), gc.raw(name)), name
+
+
+def _rewrite_checkpoint(src, dst, rename, extra, config_edit):
+    """Copy a tiny model folder, renaming its tensors and editing config.json."""
+    import json
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(src, dst)
+    tensors = {rename(k): v for k, v in load_file(src / "model.safetensors").items()}
+    tensors.update(extra)
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    cfg = json.loads((src / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps(config_edit(cfg)))
+    return dst
+
+
+@pytest.mark.parametrize("prefix", ["model.language_model.", "language_model.model."])
+def test_gemma3_text_model_inside_multimodal_checkpoint(prefix, tiny_model, tmp_path):
+    """Gemma3ForConditionalGeneration: the text model converts as Gemma3ForCausalLM does;
+    the vision tower and projector are left out."""
+    src = tiny_model("gemma3")
+    vision = {"model.vision_tower.vision_model.embeddings.patch_embedding.weight": np.ones((8, 3, 2, 2), np.float32),
+              "model.multi_modal_projector.mm_input_projection_weight": np.ones((16, 256), np.float32)}
+
+    def config(cfg):
+        return {"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3",
+                "text_config": {**cfg, "model_type": "gemma3_text"},
+                "vision_config": {"model_type": "siglip_vision_model", "hidden_size": 16}}
+
+    mm = _rewrite_checkpoint(src, tmp_path / "mm", lambda k: k.replace("model.", prefix, 1), vision, config)
+    a = convert(src, "q8_0", tmp_path / "a.gguf").output
+    b = convert(mm, "q8_0", tmp_path / "b.gguf").output
+    with GGUFFile.open(a) as ga, GGUFFile.open(b) as gb:
+        assert list(ga.tensors) == list(gb.tensors)
+        for name in ga.tensors:
+            assert np.array_equal(ga.raw(name), gb.raw(name)), name
+
+
+def test_gemma3_unused_embedding_rows_are_dropped(tiny_model, tmp_path):
+    """Like llama.cpp's converter: token_embd keeps one row per token of the vocabulary."""
+    src = tiny_model("gemma3")
+    n_vocab = read_config(src)["vocab_size"]
+
+    def pad(k):
+        return k
+
+    from safetensors.numpy import load_file
+    emb = load_file(src / "model.safetensors")["model.embed_tokens.weight"]
+    extra = {"model.embed_tokens.weight": np.concatenate([emb, np.ones((64, emb.shape[1]), np.float32)])}
+    big = _rewrite_checkpoint(src, tmp_path / "big", pad, extra, lambda c: c)
+    out = convert(big, "f32", tmp_path / "o.gguf").output
+    with GGUFFile.open(out) as g:
+        assert g.tensors["token_embd.weight"].shape == (n_vocab, emb.shape[1])
+        assert np.array_equal(g.array("token_embd.weight"), emb)

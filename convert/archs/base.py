@@ -91,6 +91,7 @@ class ArchSpec:
     permute_qk: bool = False               # undo HF's rotary layout of q/k (llama)
     norm_shift: float = 0.0                # added to every *norm.weight (Gemma stores w - 1)
     llama3_rope_freqs: bool = False        # llama3 rope scaling as a rope_freqs tensor
+    trim_embd_to_vocab: bool = False       # drop token_embd rows past the tokenizer's vocabulary
     extra_kv: Callable[["ArchSpec", HParams], list[KV]] | None = None
     defaults: dict[str, Any] = field(default_factory=dict)
 

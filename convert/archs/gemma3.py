@@ -31,5 +31,6 @@ GEMMA3 = ArchSpec(
     hf_names=("Gemma3ForCausalLM", "Gemma3ForConditionalGeneration"),
     arch=gguf.MODEL_ARCH.GEMMA3,
     norm_shift=1.0,  # Gemma3RMSNorm computes x * (1 + w)
+    trim_embd_to_vocab=True,  # checkpoints carry unused embedding rows past the vocabulary
     extra_kv=_gemma3_kv,
 )
