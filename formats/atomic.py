@@ -34,6 +34,9 @@ def check_output(output: Path, inputs: Sequence[Path], *, force: bool) -> None:
         raise FormatError(f"{output}: file exists; pass --force to overwrite it")
     if output.exists() and output.is_dir():
         raise FormatError(f"{output}: is a folder; give a file name")
+    folder = output.parent if str(output.parent) else Path(".")
+    if not folder.is_dir():
+        raise FormatError(f"{output}: folder {folder} does not exist")
 
 
 def check_free_space(folder: Path, needed: int) -> None:

@@ -127,9 +127,11 @@ def test_interrupt_or_write_error_midway_cleans_up(model, tmp_path, monkeypatch,
 
 def test_not_enough_disk_space_is_checked_first(model, tmp_path, monkeypatch):
     monkeypatch.setattr(atomic.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
-    r = _run(["quantize", str(model), "f32", "-o", str(tmp_path / "o.gguf"), "--no-progress"])
+    out = tmp_path / "out"
+    out.mkdir()
+    r = _run(["quantize", str(model), "f32", "-o", str(out / "o.gguf"), "--no-progress"])
     _one_line_error(r, "free disk space", "MiB")
-    assert list(tmp_path.iterdir()) == []
+    assert list(out.iterdir()) == []
 
 
 def test_missing_output_folder(model, tmp_path):

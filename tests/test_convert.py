@@ -64,7 +64,7 @@ def test_llama_cpp_logits_match_transformers(arch, ftype, hf_reference, tmp_path
         assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
 
 
-@pytest.mark.parametrize("arch", list(MODELS))
+@pytest.mark.parametrize("arch", ARCHS)
 def test_metadata_and_tensor_types(arch, tiny_model, tmp_path):
     folder = tiny_model(arch)
     out = convert(folder, "q8_0", tmp_path / "m.gguf").output

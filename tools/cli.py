@@ -208,7 +208,39 @@ def _short(v: Any, width: int = 100) -> str:
     return text if len(text) <= width else text[:width - 3] + "..."
 
 
+@click.command("bench-quantize")
+@click.argument("source", type=click.Path())
+@click.option("--types", default="q8_0,q4_0,q4_k_m,q6_k", show_default=True,
+              help="Comma-separated file types to time.")
+@click.option("--repeat", default=3, show_default=True, help="Runs per measurement (median kept).")
+@click.option("--workdir", type=click.Path(), help="Folder for the temporary files (default: system temp).")
+@_one_line_errors
+def bench_quantize_cmd(source: str, types: str, repeat: int, workdir: str | None) -> None:
+    """Quantization speed of ggforge (from SOURCE, one step) beside llama.cpp's quantizer
+    (from the F32 GGUF of SOURCE), on the same cores, in one run."""
+    import os
+
+    from ggforge.convert.bench import bench_quantize
+
+    threads = len(os.sched_getaffinity(0))
+    click.echo(f"{source}: {threads} threads, median of {repeat}")
+    rows = []
+
+    def show(r: Any) -> None:
+        rows.append([r.file_type, r.n_params, round(r.ggforge_s, 2), round(r.ggforge_rate / 1e6, 1),
+                     "-" if r.llama_cpp_s is None else round(r.llama_cpp_s, 2),
+                     "-" if r.llama_cpp_rate is None else round(r.llama_cpp_rate / 1e6, 1),
+                     "-" if r.ratio is None else round(r.ratio, 2)])
+        click.echo(f"  {r.file_type} done", err=True)
+
+    bench_quantize(source, [t.strip() for t in types.split(",") if t.strip()], threads=threads,
+                   repeat=repeat, workdir=workdir, on_result=show)
+    click.echo(format_table(["type", "params", "ggforge s", "ggforge Mparam/s", "llama.cpp s",
+                             "llama.cpp Mparam/s", "ratio"], rows))
+
+
 cli.add_command(quantize_cmd)
+cli.add_command(bench_quantize_cmd)
 cli.add_command(inspect_cmd)
 
 
