@@ -5,7 +5,6 @@ line on stderr and a non-zero exit, never a traceback.
 """
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import sys
@@ -14,27 +13,10 @@ from typing import Any, Callable
 import click
 from gguf import GGUFValueType as V
 
-from ggforge.formats.errors import FormatError, QuantizationError, UnsupportedModelError
 from ggforge.formats.gguf_writer import KV
+from ggforge.tools.errors import one_line_errors
+from ggforge.tools.run_cli import bench_cmd, chat_cmd, run_cmd
 from ggforge.tools.table import format_table, human_bytes
-
-EXPECTED_ERRORS = (FormatError, QuantizationError, UnsupportedModelError, OSError)
-
-
-def _one_line_errors(fn: Callable) -> Callable:
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except EXPECTED_ERRORS as e:
-            msg = str(e).strip().replace("\n", " ") or type(e).__name__
-            click.echo(f"error: {msg}", err=True)
-            sys.exit(1)
-        except KeyboardInterrupt:
-            click.echo("interrupted: nothing was written", err=True)
-            sys.exit(130)
-    return wrapper
-
 
 def parse_meta(text: str) -> KV:
     """`KEY=VALUE` or `KEY=TYPE:VALUE` (TYPE: str, int, uint, float, bool) -> a typed entry."""
@@ -119,7 +101,7 @@ def cli(verbose: bool) -> None:
 @click.option("--allow-requantize", is_flag=True,
               help="Allow requantizing tensors of a GGUF source that are already quantized.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-@_one_line_errors
+@one_line_errors
 def quantize_cmd(source: str, type_: str, output: str | None, force: bool, metas: tuple[str, ...],
                  output_tensor_type: str | None, token_embedding_type: str | None,
                  tensor_types: tuple[str, ...], pure: bool, imatrix_path: str | None,
@@ -173,7 +155,7 @@ def quantize_cmd(source: str, type_: str, output: str | None, force: bool, metas
 @click.command("inspect")
 @click.argument("path", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@_one_line_errors
+@one_line_errors
 def inspect_cmd(path: str, as_json: bool) -> None:
     """Show what is inside a GGUF or safetensors file."""
     from ggforge.formats.summary import summarize
@@ -214,7 +196,7 @@ def _short(v: Any, width: int = 100) -> str:
               help="Comma-separated file types to time.")
 @click.option("--repeat", default=3, show_default=True, help="Runs per measurement (median kept).")
 @click.option("--workdir", type=click.Path(), help="Folder for the temporary files (default: system temp).")
-@_one_line_errors
+@one_line_errors
 def bench_quantize_cmd(source: str, types: str, repeat: int, workdir: str | None) -> None:
     """Quantization speed of ggforge (from SOURCE, one step) beside llama.cpp's quantizer
     (from the F32 GGUF of SOURCE), on the same cores, in one run."""
@@ -239,9 +221,8 @@ def bench_quantize_cmd(source: str, types: str, repeat: int, workdir: str | None
                              "llama.cpp Mparam/s", "ratio"], rows))
 
 
-cli.add_command(quantize_cmd)
-cli.add_command(bench_quantize_cmd)
-cli.add_command(inspect_cmd)
+for _cmd in (quantize_cmd, inspect_cmd, bench_quantize_cmd, run_cmd, chat_cmd, bench_cmd):
+    cli.add_command(_cmd)
 
 
 def main() -> None:
