@@ -1,0 +1,120 @@
+"""`ggforge run`, `ggforge chat` and `ggforge bench`: argument parsing and printing only."""
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from ggforge.tools.errors import one_line_errors
+from ggforge.tools.table import format_table
+
+
+def sampling_options(fn):
+    opts = [
+        click.option("--temp", "temperature", default=0.8, show_default=True, help="Temperature; 0 is greedy."),
+        click.option("--top-k", default=40, show_default=True),
+        click.option("--top-p", default=0.95, show_default=True),
+        click.option("--min-p", default=0.05, show_default=True),
+        click.option("--repeat-penalty", default=1.0, show_default=True),
+        click.option("--repeat-last-n", default=64, show_default=True),
+        click.option("--seed", type=int, default=None, help="Random seed (default: random)."),
+        click.option("-c", "--ctx-size", type=int, default=None, help="Context size (default: the file's, at most 4096)."),
+        click.option("-t", "--threads", type=int, default=None, help="CPU threads (default: all)."),
+    ]
+    for o in reversed(opts):
+        fn = o(fn)
+    return fn
+
+
+def _settings(kw: dict):
+    from ggforge.runtime.sampling import SamplerSettings
+
+    return SamplerSettings(temperature=kw["temperature"], top_k=kw["top_k"], top_p=kw["top_p"],
+                           min_p=kw["min_p"], repeat_penalty=kw["repeat_penalty"],
+                           repeat_last_n=kw["repeat_last_n"], seed=kw["seed"])
+
+
+def _load(path: str, kw: dict):
+    from ggforge.runtime import kernels
+    from ggforge.runtime.generate import load
+
+    if kw.get("threads"):
+        kernels.set_threads(kw["threads"])
+    return load(path, n_ctx=kw.get("ctx_size"))
+
+
+@click.command("run")
+@click.argument("model", type=click.Path())
+@click.option("-p", "--prompt", required=True, help="The prompt.")
+@click.option("-n", "--n-predict", default=128, show_default=True, help="Tokens to generate at most.")
+@click.option("--stop", multiple=True, help="Stop when this text is generated (repeatable).")
+@sampling_options
+@one_line_errors
+def run_cmd(model: str, prompt: str, n_predict: int, stop: tuple[str, ...], **kw) -> None:
+    """Generate text from PROMPT with a GGUF MODEL on the CPU."""
+    with _load(model, kw) as m:
+        for piece in m.generate(prompt, max_tokens=n_predict, settings=_settings(kw), stop=stop):
+            click.echo(piece, nl=False)
+            sys.stdout.flush()
+        click.echo()
+
+
+@click.command("chat")
+@click.argument("model", type=click.Path())
+@click.option("-s", "--system", default=None, help="A system message.")
+@click.option("-n", "--n-predict", default=512, show_default=True, help="Tokens per reply at most.")
+@sampling_options
+@one_line_errors
+def chat_cmd(model: str, system: str | None, n_predict: int, **kw) -> None:
+    """Chat with a GGUF MODEL using its chat template (empty line or Ctrl-D ends)."""
+    from ggforge.runtime.chat import ChatTemplate
+
+    with _load(model, kw) as m:
+        template = ChatTemplate.from_metadata(m.metadata)
+        messages = [{"role": "system", "content": system}] if system else []
+        settings = _settings(kw)
+        while True:
+            try:
+                line = input("> ") if sys.stdin.isatty() else sys.stdin.readline()
+            except EOFError:
+                break
+            line = line.rstrip("\n")
+            if not line.strip():
+                break
+            messages.append({"role": "user", "content": line})
+            prompt = template.render(messages, add_generation_prompt=True)
+            ids = m.tokenizer.encode(prompt, add_special=False, parse_special=True)
+            if m.tokenizer.add_bos and (not ids or ids[0] != m.tokenizer.bos_id):
+                ids = [m.tokenizer.bos_id] + ids
+            reply = []
+            for piece in m.generate(ids, max_tokens=n_predict, settings=settings):
+                reply.append(piece)
+                click.echo(piece, nl=False)
+                sys.stdout.flush()
+            click.echo()
+            messages.append({"role": "assistant", "content": "".join(reply)})
+
+
+@click.command("bench")
+@click.argument("model", type=click.Path())
+@click.option("-p", "--n-prompt", default=128, show_default=True, help="Prompt tokens (pp).")
+@click.option("-n", "--n-gen", default=64, show_default=True, help="Generated tokens (tg).")
+@click.option("-r", "--repeat", default=3, show_default=True, help="Runs per figure (median kept).")
+@click.option("-t", "--threads", type=int, default=None, help="Threads for both engines (default: all cores).")
+@one_line_errors
+def bench_cmd(model: str, n_prompt: int, n_gen: int, repeat: int, threads: int | None) -> None:
+    """Prompt (pp) and generation (tg) tokens/s of ggforge beside llama.cpp, same file, same threads."""
+    from pathlib import Path
+
+    from ggforge.runtime.bench import bench_ggforge, bench_llama_cpp
+
+    threads = threads or len(os.sched_getaffinity(0))
+    ours = bench_ggforge(Path(model), n_prompt, n_gen, repeat, threads)
+    theirs = bench_llama_cpp(Path(model), n_prompt, n_gen, repeat, threads)
+    rows = [["ggforge", round(ours.pp_tps, 1), round(ours.tg_tps, 1)]]
+    if theirs is not None:
+        rows.append(["llama.cpp", round(theirs.pp_tps, 1), round(theirs.tg_tps, 1)])
+        rows.append(["ratio", round(ours.pp_tps / theirs.pp_tps, 2), round(ours.tg_tps / theirs.tg_tps, 2)])
+    click.echo(f"{model}: {threads} threads, pp{n_prompt} tg{n_gen}, median of {repeat}")
+    click.echo(format_table(["engine", f"pp{n_prompt} t/s", f"tg{n_gen} t/s"], rows))
