@@ -1,0 +1,131 @@
+"""The K-quants (Q2_K .. Q6_K) and the non-linear 4-bit types (IQ4_NL, IQ4_XS).
+
+Importing this module registers the seven types. Each quantizer is byte-identical to
+what libggml's ``ggml_quantize_chunk`` writes, both without an importance matrix (ggml's
+``quantize_row_*_ref`` for the K-quants) and with one (``quantize_row_*_impl``); the
+numba kernels live in k_q2_q3, k_q4_q5, k_q6 and iq4, their shared steps in k_common
+and k_search.
+
+The kernel modules are imported on the first (de)quantize call, not here: importing
+numba and loading the compiled kernels from its cache takes about a second, which
+``ggforge inspect`` and friends should not pay.
+
+An importance matrix reaches ``quantize_blocks`` as float32 ``(n_blocks, block_size)``:
+the importance of each block's columns (see registry.quantize). That is all ggml's
+``_impl`` functions read, since they work one 256-value super-block at a time (IQ4_NL:
+one 32-value block), so any split of the rows into block chunks gives the same bytes.
+
+The kernels release the GIL; a call is cut into one contiguous slice of blocks per core
+and the slices run on a shared thread pool (see k_common.driver for why not prange).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+import gguf
+import numpy as np
+
+from ggforge.formats.errors import QuantizationError
+from ggforge.formats.quants.registry import QuantType, register
+
+# Below this many blocks per slice a thread costs more than it saves.
+_MIN_BLOCKS_PER_THREAD = 64
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _n_threads() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _kernel(module: str, name: str) -> Callable:
+    """The numba kernel ``name`` of ``ggforge.formats.quants.<module>`` (imported once)."""
+    return getattr(importlib.import_module(f"ggforge.formats.quants.{module}"), name)
+
+
+def _run_sliced(kernel: Callable, n_blocks: int, *arrays) -> None:
+    """``kernel(*arrays)`` over slices of the leading (block) axis of the array
+    arguments, on all cores; other arguments go to every slice unchanged."""
+    global _POOL
+    parts = min(_n_threads(), n_blocks // _MIN_BLOCKS_PER_THREAD)
+    if parts <= 1:
+        kernel(*arrays)
+        return
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=_n_threads(), thread_name_prefix="ggforge-quant")
+    bounds = [n_blocks * k // parts for k in range(parts + 1)]
+    futures = [
+        _POOL.submit(kernel, *(a[lo:hi] if isinstance(a, np.ndarray) else a for a in arrays))
+        for lo, hi in zip(bounds[:-1], bounds[1:])
+    ]
+    for f in futures:
+        f.result()  # re-raises a kernel's exception here
+
+
+def _block_quantizer(name: str, module: str, kernel: str, block_size: int, type_size: int):
+    """A registry quantize_blocks around the kernel ``kernel(x, qw, has_qw, out)``."""
+
+    def quantize_blocks(blocks: np.ndarray, *, imatrix=None) -> np.ndarray:
+        x = np.ascontiguousarray(blocks, dtype=np.float32).reshape(-1, block_size)
+        if imatrix is None:
+            qw = x  # never read: the kernel takes the no-imatrix path
+        else:
+            qw = np.ascontiguousarray(imatrix, dtype=np.float32)
+            if qw.shape != x.shape:
+                raise QuantizationError(
+                    f"{name}: importance matrix blocks have shape {qw.shape}, expected "
+                    f"{x.shape} (one weight per quantized value); pass one weight per column"
+                )
+        out = np.empty((x.shape[0], type_size), dtype=np.uint8)  # (n_blocks, type_size)
+        if x.shape[0]:
+            _run_sliced(_kernel(module, kernel), x.shape[0], x, qw, imatrix is not None, out)
+        return out
+
+    quantize_blocks.__name__ = f"quantize_{name.lower()}"
+    quantize_blocks.__doc__ = f"(n, {block_size}) float32 -> (n, {type_size}) uint8, as ggml's {name}."
+    return quantize_blocks
+
+
+def _block_dequantizer(name: str, module: str, kernel: str, block_size: int, type_size: int):
+    """A registry dequantize_blocks around the kernel ``kernel(raw, out)``."""
+
+    def dequantize_blocks(raw: np.ndarray) -> np.ndarray:
+        b = np.ascontiguousarray(raw, dtype=np.uint8).reshape(-1, type_size)
+        out = np.empty((b.shape[0], block_size), dtype=np.float32)  # (n_blocks, block_size)
+        if b.shape[0]:
+            _run_sliced(_kernel(module, kernel), b.shape[0], b, out)
+        return out
+
+    dequantize_blocks.__name__ = f"dequantize_{name.lower()}"
+    dequantize_blocks.__doc__ = f"(n, {type_size}) uint8 -> (n, {block_size}) float32, as ggml's {name}."
+    return dequantize_blocks
+
+
+_T = gguf.GGMLQuantizationType
+
+# name, ggml type, block size, bytes per block (ggml-common.h), kernel module; the
+# kernels are quantize_<name> and dequantize_<name>, lower case.
+_TABLE = [
+    ("Q2_K", _T.Q2_K, 256, 84, "k_q2_q3"),
+    ("Q3_K", _T.Q3_K, 256, 110, "k_q2_q3"),
+    ("Q4_K", _T.Q4_K, 256, 144, "k_q4_q5"),
+    ("Q5_K", _T.Q5_K, 256, 176, "k_q4_q5"),
+    ("Q6_K", _T.Q6_K, 256, 210, "k_q6"),
+    ("IQ4_NL", _T.IQ4_NL, 32, 18, "iq4"),
+    ("IQ4_XS", _T.IQ4_XS, 256, 136, "iq4"),
+]
+
+KQUANT_TYPES: dict[str, QuantType] = {
+    name: register(QuantType(
+        name, ggml_type, bs, ts,
+        _block_quantizer(name, module, f"quantize_{name.lower()}", bs, ts),
+        _block_dequantizer(name, module, f"dequantize_{name.lower()}", bs, ts),
+    ))
+    for name, ggml_type, bs, ts, module in _TABLE
+}
