@@ -222,3 +222,19 @@ def test_empty_tensor():
         qt = get_type(qtype)
         assert quantize(np.zeros((0, 256), np.float32), qtype).shape == (0, qt.row_bytes(256))
         assert dequantize(np.zeros((0, qt.row_bytes(256)), np.uint8), qtype, (0, 256)).shape == (0, 256)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K", "IQ4_NL"])
+def test_read_only_inputs(ggml, qtype):
+    """Memory-mapped tensors (weights to quantize, blocks to decode) arrive read-only;
+    the kernels' row helpers are compiled for writable arrays, so the wrapper copies."""
+    x = _case("normal")[:4]
+    w = _imatrix("random", x.shape[-1])
+    ref = ggml.quantize(qtype, x, imatrix=w)
+    x.flags.writeable = False
+    w.flags.writeable = False
+    raw = quantize(x, qtype, imatrix=w)
+    assert np.array_equal(raw, ref)
+    raw.flags.writeable = False
+    assert np.array_equal(dequantize(raw, qtype, x.shape).view(np.uint32),
+                          ggml.dequantize(qtype, ref, x.shape).view(np.uint32))

@@ -193,10 +193,12 @@ def test_q8_0_ignores_imatrix_like_ggml(ggml):
 
 
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q5_0", "Q5_1"])
-def test_legacy_imatrix_is_refused(qtype):
-    x = np.ones((2, 64), np.float32)
-    with pytest.raises(QuantizationError, match="importance"):
-        quantize(x, qtype, imatrix=np.ones(64, np.float32))
+def test_legacy_imatrix_takes_the_row_path(ggml, qtype):
+    """With an importance matrix these types run ggml's quantize_row_*_impl on whole
+    rows (legacy_imatrix; the full cases are in tests/test_legacy_imatrix.py)."""
+    x = _case("normal")[:8]
+    w = np.random.default_rng(3).random(x.shape[-1]).astype(np.float32)
+    assert np.array_equal(quantize(x, qtype, imatrix=w), ggml.quantize(qtype, x, imatrix=w))
 
 
 def test_imatrix_shape_checked():

@@ -49,34 +49,47 @@ def _kernel(module: str, name: str) -> Callable:
     return getattr(importlib.import_module(f"ggforge.formats.quants.{module}"), name)
 
 
-def _run_sliced(kernel: Callable, n_blocks: int, *arrays) -> None:
-    """``kernel(*arrays)`` over slices of the leading (block) axis of the array
-    arguments, on all cores; other arguments go to every slice unchanged."""
+def run_sliced(kernel: Callable, n_items: int, *arrays,
+               min_items: int = _MIN_BLOCKS_PER_THREAD) -> None:
+    """``kernel(*arrays)`` over slices of the leading axis (blocks or rows) on all cores.
+
+    Array arguments whose leading dimension is ``n_items`` are cut into one contiguous
+    slice per thread (each slice at least ``min_items`` long); other arguments, arrays
+    of another length included, go to every slice unchanged.
+    """
     global _POOL
-    parts = min(_n_threads(), n_blocks // _MIN_BLOCKS_PER_THREAD)
+    parts = min(_n_threads(), n_items // max(1, min_items))
     if parts <= 1:
         kernel(*arrays)
         return
     if _POOL is None:
         _POOL = ThreadPoolExecutor(max_workers=_n_threads(), thread_name_prefix="ggforge-quant")
-    bounds = [n_blocks * k // parts for k in range(parts + 1)]
+    bounds = [n_items * k // parts for k in range(parts + 1)]
     futures = [
-        _POOL.submit(kernel, *(a[lo:hi] if isinstance(a, np.ndarray) else a for a in arrays))
+        _POOL.submit(kernel, *(a[lo:hi] if isinstance(a, np.ndarray) and a.shape[:1] == (n_items,)
+                               else a for a in arrays))
         for lo, hi in zip(bounds[:-1], bounds[1:])
     ]
     for f in futures:
         f.result()  # re-raises a kernel's exception here
 
 
+def _writable(a: np.ndarray) -> np.ndarray:
+    """``a``, or a copy of it when read-only (a memory-mapped file, a broadcast): the
+    kernels' row helpers (k_common.load_row) are compiled for writable arrays only.
+    The registry hands over chunks of about a million values, so the copy stays small."""
+    return a if a.flags.writeable else a.copy()
+
+
 def _block_quantizer(name: str, module: str, kernel: str, block_size: int, type_size: int):
     """A registry quantize_blocks around the kernel ``kernel(x, qw, has_qw, out)``."""
 
     def quantize_blocks(blocks: np.ndarray, *, imatrix=None) -> np.ndarray:
-        x = np.ascontiguousarray(blocks, dtype=np.float32).reshape(-1, block_size)
+        x = _writable(np.ascontiguousarray(blocks, dtype=np.float32).reshape(-1, block_size))
         if imatrix is None:
             qw = x  # never read: the kernel takes the no-imatrix path
         else:
-            qw = np.ascontiguousarray(imatrix, dtype=np.float32)
+            qw = _writable(np.ascontiguousarray(imatrix, dtype=np.float32))
             if qw.shape != x.shape:
                 raise QuantizationError(
                     f"{name}: importance matrix blocks have shape {qw.shape}, expected "
@@ -84,7 +97,7 @@ def _block_quantizer(name: str, module: str, kernel: str, block_size: int, type_
                 )
         out = np.empty((x.shape[0], type_size), dtype=np.uint8)  # (n_blocks, type_size)
         if x.shape[0]:
-            _run_sliced(_kernel(module, kernel), x.shape[0], x, qw, imatrix is not None, out)
+            run_sliced(_kernel(module, kernel), x.shape[0], x, qw, imatrix is not None, out)
         return out
 
     quantize_blocks.__name__ = f"quantize_{name.lower()}"
@@ -96,10 +109,10 @@ def _block_dequantizer(name: str, module: str, kernel: str, block_size: int, typ
     """A registry dequantize_blocks around the kernel ``kernel(raw, out)``."""
 
     def dequantize_blocks(raw: np.ndarray) -> np.ndarray:
-        b = np.ascontiguousarray(raw, dtype=np.uint8).reshape(-1, type_size)
+        b = _writable(np.ascontiguousarray(raw, dtype=np.uint8).reshape(-1, type_size))
         out = np.empty((b.shape[0], block_size), dtype=np.float32)  # (n_blocks, block_size)
         if b.shape[0]:
-            _run_sliced(_kernel(module, kernel), b.shape[0], b, out)
+            run_sliced(_kernel(module, kernel), b.shape[0], b, out)
         return out
 
     dequantize_blocks.__name__ = f"dequantize_{name.lower()}"

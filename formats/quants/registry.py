@@ -33,6 +33,13 @@ class QuantType:
     ``(n_blocks, block_size)`` (the per-column importance of each block's columns).
     ``dequantize_blocks(raw)`` maps uint8 ``(n_blocks, type_size)`` to float32
     ``(n_blocks, block_size)``. Both are byte-for-byte ggml's reference code.
+
+    ``quantize_rows_imatrix(rows, imatrix)``, where set, is the type's quantizer with an
+    importance matrix when ggml's needs whole rows (the legacy Q4_0..Q5_1 weigh values by
+    a statistic of the row): float32 ``rows`` ``(n_rows, n_per_row)`` and ``imatrix``
+    ``(1, n_per_row)`` (shared by all rows) or ``(n_rows, n_per_row)`` to uint8
+    ``(n_rows, row_bytes)``. :func:`quantize` prefers it to ``quantize_blocks`` whenever
+    an importance matrix is given.
     """
 
     name: str
@@ -41,6 +48,7 @@ class QuantType:
     type_size: int
     quantize_blocks: Callable[..., np.ndarray]
     dequantize_blocks: Callable[[np.ndarray], np.ndarray]
+    quantize_rows_imatrix: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
 
     def row_bytes(self, n_per_row: int) -> int:
         """Bytes of one row of ``n_per_row`` elements (a multiple of ``block_size``)."""
@@ -109,19 +117,35 @@ def _check_finite(x: np.ndarray, name: str) -> None:
     )
 
 
-def _imatrix_blocks(imatrix, shape: tuple[int, ...], block_size: int, name: str) -> np.ndarray:
-    """Broadcast an importance vector (..., n_per_row) to the tensor, as blocks."""
+def _imatrix_full(imatrix, shape: tuple[int, ...], name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Check an importance array (..., n_per_row) against the tensor's ``shape``.
+
+    Returns it as float32 and its (read-only) broadcast to ``shape``."""
     w = np.asarray(imatrix, dtype=np.float32)
     try:
         if w.ndim == 0 or w.shape[-1] != shape[-1]:
             raise ValueError
-        w = np.broadcast_to(w, shape)
+        return w, np.broadcast_to(w, shape)
     except ValueError:
         raise QuantizationError(
             f"importance matrix for tensor {name!r} has shape {w.shape}, which does not fit "
             f"the tensor's shape {shape} (need (..., {shape[-1]}))"
         ) from None
-    return np.ascontiguousarray(w).reshape(-1, block_size)
+
+
+def _imatrix_blocks(imatrix, shape: tuple[int, ...], block_size: int, name: str) -> np.ndarray:
+    """Broadcast an importance vector (..., n_per_row) to the tensor, as blocks."""
+    _, full = _imatrix_full(imatrix, shape, name)
+    return np.ascontiguousarray(full).reshape(-1, block_size)
+
+
+def _imatrix_rows(imatrix, shape: tuple[int, ...], name: str) -> np.ndarray:
+    """An importance vector as rows: (1, n_per_row) when every row shares it (the
+    usual case, a single vector), else one row per tensor row."""
+    w, full = _imatrix_full(imatrix, shape, name)
+    if w.size == shape[-1]:
+        return w.reshape(1, shape[-1])
+    return np.ascontiguousarray(full).reshape(math.prod(shape[:-1]), shape[-1])
 
 
 def quantize(data: np.ndarray, qtype, *, name: str = "tensor", imatrix=None) -> np.ndarray:
@@ -131,6 +155,10 @@ def quantize(data: np.ndarray, qtype, *, name: str = "tensor", imatrix=None) -> 
     float32 first, as ggml's ``float *`` input does. Raises :class:`QuantizationError`
     naming ``name`` on NaN/Inf, a row length that is not a multiple of the block size,
     or a non-float input.
+
+    ``imatrix``: the importance of each column, float ``(..., n_per_row)`` broadcast over
+    the rows (llama-quantize's ``--imatrix``: one ``(n_per_row,)`` vector per tensor).
+    Types whose ggml quantizer ignores it (F32, F16, BF16, Q8_0) ignore it here too.
     """
     qt = get_type(qtype)
     arr = np.asarray(data)
@@ -147,6 +175,11 @@ def quantize(data: np.ndarray, qtype, *, name: str = "tensor", imatrix=None) -> 
         )
     x = np.ascontiguousarray(arr, dtype=np.float32)
     _check_finite(x, name)
+    if imatrix is not None and qt.quantize_rows_imatrix is not None:
+        rows = x.reshape(math.prod(shape[:-1]), shape[-1])  # (n_rows, n_per_row)
+        with np.errstate(over="ignore", invalid="ignore"):
+            out = qt.quantize_rows_imatrix(rows, _imatrix_rows(imatrix, shape, name))
+        return out.reshape(*shape[:-1], qt.row_bytes(shape[-1]))
     blocks = x.reshape(-1, qt.block_size)  # (n_blocks, block_size)
     weights = None if imatrix is None else _imatrix_blocks(imatrix, shape, qt.block_size, name)
     out = np.empty((blocks.shape[0], qt.type_size), dtype=np.uint8)  # (n_blocks, type_size)
