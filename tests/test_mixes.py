@@ -124,9 +124,10 @@ def test_tensor_type_override(f32_file, tmp_path):
         assert g.tensors["blk.0.attn_q.weight"].type_name == "Q4_K"
 
 
-@pytest.mark.parametrize("mix", ["Q4_K_M", "IQ4_XS", "Q3_K_S"])
-def test_imatrix_mix_equals_llama_quantize(mix, f32_file, tmp_path):
-    folder, f32 = f32_file("llama3")
+@pytest.mark.parametrize("arch,mix", [("llama3", "Q4_K_M"), ("llama3", "IQ4_XS"), ("llama3", "Q3_K_S"),
+                                      ("llama3", "Q4_0"), ("llama3", "Q5_1"), ("llama-odd", "Q4_K_M")])
+def test_imatrix_mix_equals_llama_quantize(arch, mix, f32_file, tmp_path):
+    folder, f32 = f32_file(arch)
     rng = np.random.default_rng(1)
     with GGUFFile.open(f32) as g:
         imatrix = {n: rng.uniform(0.01, 3.0, t.shape[-1]).astype(np.float32)
