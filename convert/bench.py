@@ -49,11 +49,18 @@ def _median_time(fn: Callable[[], None], repeat: int) -> float:
     return statistics.median(times)
 
 
+_QUIET = None  # the no-op log callback (kept alive while llama.cpp may call it)
+
+
 def _llama_cpp_quantizer(threads: int):
+    global _QUIET
     try:
         import llama_cpp
     except ImportError:
         return None
+    if _QUIET is None:  # llama-quantize prints a line per tensor; the table is what matters
+        _QUIET = llama_cpp.llama_log_callback(lambda level, text, user_data: None)
+        llama_cpp.llama_log_set(_QUIET, None)
 
     def run(src: Path, dst: Path, ftype: int) -> None:
         p = llama_cpp.llama_model_quantize_default_params()
