@@ -25,3 +25,22 @@ def logits(path: Path, token_ids: list[int]) -> np.ndarray:
         return np.array(llm.scores[: len(token_ids)], dtype=np.float32)
     finally:
         llm.close()
+
+
+def logits_stepwise(path: Path, token_ids: list[int]) -> np.ndarray:
+    """llama.cpp's logits computed one token at a time (its decode path).
+
+    llama.cpp's CPU batch path is not always consistent with itself: for Q8_0 weights a row
+    of a batched matrix product can differ from the same token evaluated alone (seen here:
+    the last row of a 40-token prompt, by 0.06). Generation runs the one-token path, so
+    that is the oracle for token-level comparisons.
+    """
+    llm = load(path)
+    try:
+        rows = []
+        for t in token_ids:
+            llm.eval([t])
+            rows.append(np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32))
+        return np.stack(rows)
+    finally:
+        llm.close()

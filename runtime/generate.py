@@ -1,0 +1,143 @@
+"""Loading a model and generating text: `ggforge.load(path).generate(prompt)`.
+
+    m = ggforge.load("model.gguf")
+    for piece in m.generate("Once upon a time", max_tokens=64):
+        print(piece, end="")
+    logits = m.eval(token_ids)          # (n_tokens, n_vocab) float32
+
+The KV cache lives as long as the model; a prompt that extends the previous one (the next
+turn of a chat) reuses the cached prefix and evaluates only the new tokens. A full context
+raises ContextFullError (no silent context shift).
+"""
+from __future__ import annotations
+
+import codecs
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from ggforge.runtime.kv_cache import ContextFullError
+from ggforge.runtime.model import Model
+from ggforge.runtime.sampling import Sampler, SamplerSettings
+from ggforge.runtime.tokenizer import Tokenizer
+
+DEFAULT_CTX_CAP = 4096
+
+
+class LoadedModel:
+    """A model, its tokenizer and one KV cache."""
+
+    def __init__(self, path: str | Path, *, n_ctx: int | None = None):
+        self.model = Model(path)
+        self.tokenizer = Tokenizer.from_metadata(self.model.gguf.metadata)
+        c = self.model.config
+        self.n_ctx = int(n_ctx or min(c.n_ctx_train, DEFAULT_CTX_CAP))
+        if self.n_ctx < 1:
+            raise ValueError(f"context size must be at least 1, got {self.n_ctx}")
+        self.cache = self.model.new_cache(self.n_ctx)
+        self._cached: list[int] = []  # the tokens whose keys and values the cache holds
+
+    def close(self) -> None:
+        self.model.close()
+
+    def __enter__(self) -> "LoadedModel":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def metadata(self) -> dict:
+        return self.model.gguf.metadata
+
+    def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_special=add_special, parse_special=True)
+
+    def eval(self, token_ids: Sequence[int]) -> np.ndarray:
+        """Logits (n_tokens, n_vocab) of a whole sequence, from an empty cache."""
+        ids = self._check_ids(token_ids)
+        cache = self.model.new_cache(len(ids))
+        return self.model.forward(np.asarray(ids), cache, all_logits=True)
+
+    def _check_ids(self, token_ids: Sequence[int]) -> list[int]:
+        ids = [int(t) for t in token_ids]
+        if not ids:
+            raise ValueError("empty prompt: nothing to evaluate (give some text or token ids)")
+        n_vocab = self.model.config.n_vocab
+        for t in ids:
+            if not 0 <= t < n_vocab:
+                raise ValueError(f"token id {t} is outside the vocabulary (0..{n_vocab - 1})")
+        if len(ids) > self.n_ctx:
+            raise ContextFullError(f"prompt of {len(ids)} tokens does not fit the context size "
+                                   f"{self.n_ctx}; use a larger --ctx-size")
+        return ids
+
+    def _prefill(self, ids: list[int]) -> np.ndarray:
+        """Bring the cache to hold `ids`, reusing the common prefix; logits of the last token."""
+        common = 0
+        for a, b in zip(self._cached, ids):
+            if a != b:
+                break
+            common += 1
+        common = min(common, len(ids) - 1)  # always evaluate at least the last token
+        self.cache.truncate(common)
+        self._cached = ids[:common]
+        logits = self.model.forward(np.asarray(ids[common:]), self.cache)
+        self._cached = list(ids)
+        return logits[-1]
+
+    def generate_tokens(self, prompt: str | Sequence[int], *, max_tokens: int = 128,
+                        settings: SamplerSettings = SamplerSettings()) -> Iterator[int]:
+        """Token ids, one at a time, until an end-of-generation token or max_tokens."""
+        ids = self._check_ids(self.tokenize(prompt) if isinstance(prompt, str) else prompt)
+        sampler = Sampler(settings)
+        logits = self._prefill(ids)
+        history = list(ids)
+        for _ in range(max_tokens):
+            tok = sampler(logits, history)
+            if self.tokenizer.is_eog(tok):
+                return
+            yield tok
+            history.append(tok)
+            if self.cache.n_past >= self.n_ctx:
+                raise ContextFullError(f"context full after {self.cache.n_past} tokens "
+                                       f"(--ctx-size {self.n_ctx}); generation stopped")
+            logits = self.model.forward(np.asarray([tok]), self.cache)[-1]
+            self._cached.append(tok)
+
+    def generate(self, prompt: str | Sequence[int], *, max_tokens: int = 128,
+                 settings: SamplerSettings = SamplerSettings(),
+                 stop: Sequence[str] = ()) -> Iterator[str]:
+        """Text pieces as they are generated; stops at end-of-generation or a stop string."""
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        pending = ""  # text held back while it could still be the start of a stop string
+        for tok in self.generate_tokens(prompt, max_tokens=max_tokens, settings=settings):
+            pending += decoder.decode(self.tokenizer.token_to_piece(tok, special=False))
+            hit = min((i for i in (pending.find(s) for s in stop if s) if i >= 0), default=-1)
+            if hit >= 0:
+                if pending[:hit]:
+                    yield pending[:hit]
+                return
+            keep = max((len(s) - 1 for s in stop if s), default=0)
+            safe = len(pending) - _held(pending, stop, keep)
+            if safe > 0:
+                yield pending[:safe]
+                pending = pending[safe:]
+        pending += decoder.decode(b"", final=True)
+        if pending:
+            yield pending
+
+
+def _held(text: str, stop: Sequence[str], keep: int) -> int:
+    """How many trailing characters could begin a stop string."""
+    for n in range(min(keep, len(text)), 0, -1):
+        tail = text[-n:]
+        if any(s.startswith(tail) for s in stop if s):
+            return n
+    return 0
+
+
+def load(path: str | Path, *, n_ctx: int | None = None) -> LoadedModel:
+    """Map a GGUF model and its tokenizer, ready to generate."""
+    return LoadedModel(path, n_ctx=n_ctx)

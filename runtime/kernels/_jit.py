@@ -1,0 +1,191 @@
+"""numba plumbing shared by the kernels: lazy compilation, numba types, scalar helpers.
+
+Three facts about numba (0.68, LLVM 15) decide how every kernel here is written:
+
+* **Only the loop vectorizer runs** (numba turns LLVM's SLP vectorizer off). A loop whose
+  trip count is a compile-time constant (``range(32)``) is fully unrolled into scalar code
+  and never vectorized. Inner loops therefore run to *runtime* trip counts: block
+  geometry (``qk`` = 32 or 256) is passed in as an argument and the loops count
+  ``range(qk)`` or ``range(qk >> 1)``.
+* **Integer arithmetic is promoted to int64**, which AVX2 cannot multiply in vectors.
+  Integer dot products cast after every operation (``I(s + I(H(a) * H(b)))``): LLVM
+  then narrows the arithmetic back to 16/32 bits and emits ``vpmaddwd``.
+* **Indices are wrapped when they may be negative.** Computed indices are cast to
+  unsigned (``U(o + j)``) so no wraparound select sits in a vector loop.
+
+Where a loop over one 16- or 32-element block is all there is (decode), even a well
+vectorized loop spends more on its setup and horizontal sum than on the block: those
+dot products are LLVM vector IR instead (_simd.py).
+
+Kernels are compiled on first use, for one explicit signature each, and cached on disk
+(``cache=True``): a model that uses three tensor types compiles three kernels once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from pathlib import Path
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba.core import types
+from numba.extending import intrinsic
+
+from ggforge.runtime.kernels._simd import half as fp16_bits
+
+U = np.uint64
+F = np.float32
+I = np.int32  # noqa: E741 (the casts read as types in the kernels)
+H = np.int16
+
+# numba types of the kernel signatures
+i64 = types.int64
+RAW = types.Array(types.uint8, 2, "C", readonly=True)       # (n_out, row_bytes) weight bytes
+RAW16 = types.Array(types.uint16, 2, "C", readonly=True)    # (n_out, n_in) F16/BF16 bits
+I8M = types.Array(types.int8, 2, "C")                       # (T, n) quantized activations
+I4M = types.Array(types.int32, 2, "C")
+F4M = types.Array(types.float32, 2, "C")                    # (rows, cols) float32
+
+# kvalues_iq4nl of ggml-common.h: the 16 non-linear levels of IQ4_NL / IQ4_XS.
+KVALUES_IQ4NL = np.array(
+    [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.int16
+)
+
+helper = numba.njit(cache=True, error_model="numpy")
+"""Decorator of the helpers the kernels call (compiled with the kernel that uses them)."""
+
+
+def _clear_stale_cache() -> None:
+    """Drop numba's cached kernels when any source file of this package changed.
+
+    numba invalidates a cached function only when *its own* file changes, not when a
+    helper it calls (in another file) does; a kernel would keep running old helper code.
+    A fingerprint of all the package's sources, kept beside the cache, catches that.
+    """
+    here = Path(__file__).parent
+    digest = hashlib.sha1()
+    for src in sorted(here.glob("*.py")):
+        digest.update(src.name.encode() + src.read_bytes())
+    cache = here / "__pycache__"
+    stamp = cache / "kernels.sha1"
+    try:
+        if stamp.exists() and stamp.read_text() == digest.hexdigest():
+            return
+        cache.mkdir(exist_ok=True)
+        for f in list(cache.glob("*.nbi")) + list(cache.glob("*.nbc")):
+            f.unlink(missing_ok=True)
+        stamp.write_text(digest.hexdigest())
+    except OSError:  # a read-only install: numba caches elsewhere, sources do not change
+        pass
+
+
+_clear_stale_cache()
+
+
+class Kernel:
+    """A kernel compiled on first call for one explicit signature, cached on disk.
+
+    Kernels release the GIL (``nogil``): :mod:`threads` runs them on row ranges from a
+    few threads, which uses the cores as ``prange`` would without parfor's compile time.
+    """
+
+    def __init__(self, pyfunc, signature, fastmath):
+        self.pyfunc = pyfunc
+        self.signature = signature
+        self.fastmath = fastmath
+        self._dispatcher = None
+        self._lock = threading.Lock()
+        self.__name__ = pyfunc.__name__
+        self.__doc__ = pyfunc.__doc__
+
+    def compile(self):
+        """Compile (or load from the cache) now; returns the numba dispatcher."""
+        with self._lock:
+            if self._dispatcher is None:
+                self._dispatcher = numba.njit(
+                    self.signature, cache=True, nogil=True, error_model="numpy",
+                    fastmath=set(self.fastmath) if self.fastmath else False,
+                )(self.pyfunc)
+        return self._dispatcher
+
+    def __call__(self, *args):
+        d = self._dispatcher
+        if d is None:
+            d = self.compile()
+        return d(*args)
+
+
+def kernel(signature, fastmath=False):
+    """Decorator: a :class:`Kernel` for ``signature`` (a numba signature)."""
+    return lambda pyfunc: Kernel(pyfunc, signature, fastmath)
+
+
+# Float reductions vectorize only when reassociation is allowed. Integer-valued sums
+# (the quantized kernels) are exact in any order; float kernels accept the reordering,
+# as ggml's own SIMD code reorders its sums.
+FAST = frozenset({"reassoc", "contract", "nsz"})
+
+
+# ---------------------------------------------------------------- bit casts
+
+@intrinsic
+def bits_f32(typingctx, i):
+    """Reinterpret the low 32 bits of an integer as a float32."""
+    if not isinstance(i, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        v = args[0]
+        if v.type.width > 32:
+            v = builder.trunc(v, ir.IntType(32))
+        elif v.type.width < 32:
+            v = builder.zext(v, ir.IntType(32))
+        return builder.bitcast(v, ir.FloatType())
+
+    return types.float32(i), codegen
+
+
+@intrinsic
+def f32_bits(typingctx, x):
+    """Reinterpret a float32 as an int32."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.int32(types.float32), codegen
+
+
+# ---------------------------------------------------------------- half floats
+
+_TWO_M24 = F(2.0**-24)
+
+
+@helper
+def half(lo, hi):
+    """GGML_FP16_TO_FP32 of the little-endian half in bytes ``lo``, ``hi``: exact."""
+    return fp16_bits(I(lo) | (I(hi) << 8))
+
+
+@helper
+def half_bits_to_f32(h):
+    """IEEE half bits -> float32 (LLVM ``fpext``: vectorizes to ``vcvtph2ps``)."""
+    return fp16_bits(h)
+
+
+@helper
+def round_to_half(f):
+    """float32 -> the float32 value of its nearest half (round half to even, as F16C's
+    ``vcvtps2ph``): overflow gives Inf, NaN stays NaN."""
+    a = abs(f)
+    if not a < F(65520.0):
+        return f if a != a else (F(np.inf) if f > 0 else F(-np.inf))
+    if a < F(6.103515625e-05):                   # subnormal halves: steps of 2^-24
+        r = F(np.rint(a * F(16777216.0))) * _TWO_M24
+    else:                                         # 11 significant bits
+        q = bits_f32(((f32_bits(a) >> 23) - 10) << 23)  # 2^(exponent - 10)
+        r = F(np.rint(a / q)) * q
+    return -r if f < 0 else r

@@ -1,0 +1,118 @@
+"""The weight type table and the two entry points: ``matmul`` and ``get_rows``.
+
+Each ggml weight type maps to a :class:`Route`: its ``vec_dot_type`` (what llama.cpp
+quantizes the activations to before the dot products, ggml-cpu.c ``type_traits_cpu``),
+its block size, and a decode (one token) and a prefill (many tokens) kernel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from gguf import GGMLQuantizationType as T
+
+from ggforge.formats.errors import UnsupportedModelError
+from ggforge.formats.quants import dequantize
+from ggforge.runtime.kernels import act_quant, dot_float, dot_kquants, dot_legacy, mm_kquants
+from ggforge.runtime.kernels._jit import Kernel
+from ggforge.runtime.kernels.prefill import ROWS, tokens_last
+from ggforge.runtime.kernels.threads import run_rows
+
+
+# Up to this many tokens the decode kernels run (each token's dot products against a
+# weight row while the row sits in L1); beyond, the prefill kernels, which vectorize over
+# tokens but pad them to a multiple of 16.
+DECODE_MAX_TOKENS = 6
+# Prefill takes at most this many tokens per pass, so that the tokens-last activations of
+# one pass (n_in x 256 float32, 4 MiB at n_in = 4096) stay in cache.
+TOKEN_TILE = 256
+
+
+@dataclass(frozen=True)
+class Route:
+    """How one weight type is multiplied: activation type, block size, kernels."""
+
+    vec_dot_type: str            # "f32", "f16", "bf16", "q8_0", "q8_1", "q8_K"
+    qk: int                      # elements per block of the weight type
+    decode: Kernel | None        # a few tokens (None: numpy)
+    prefill: Kernel | None       # many tokens
+
+
+L, K, KM, FL = dot_legacy, dot_kquants, mm_kquants, dot_float
+ROUTES: dict[int, Route] = {
+    T.F32: Route("f32", 1, None, None),
+    T.F16: Route("f16", 1, FL.mv_f16, FL.mm_f16),
+    T.BF16: Route("bf16", 1, FL.mv_bf16, FL.mm_bf16),
+    T.Q8_0: Route("q8_0", 32, L.mv_q8_0, L.mm_q8_0),
+    T.Q4_0: Route("q8_0", 32, L.mv_q4_0, L.mm_q4_0),
+    T.Q5_0: Route("q8_0", 32, L.mv_q5_0, L.mm_q5_0),
+    T.IQ4_NL: Route("q8_0", 32, L.mv_iq4_nl, L.mm_iq4_nl),
+    T.Q4_1: Route("q8_1", 32, L.mv_q4_1, L.mm_q4_1),
+    T.Q5_1: Route("q8_1", 32, L.mv_q5_1, L.mm_q5_1),
+    T.Q2_K: Route("q8_K", 256, K.mv_q2_K, KM.mm_q2_K),
+    T.Q3_K: Route("q8_K", 256, K.mv_q3_K, KM.mm_q3_K),
+    T.Q4_K: Route("q8_K", 256, K.mv_q4_K, KM.mm_q4_K),
+    T.Q5_K: Route("q8_K", 256, K.mv_q5_K, KM.mm_q5_K),
+    T.Q6_K: Route("q8_K", 256, K.mv_q6_K, KM.mm_q6_K),
+    T.IQ4_XS: Route("q8_K", 256, K.mv_iq4_xs, KM.mm_iq4_xs),
+}
+
+
+def route(ggml_type: int) -> Route:
+    """The route of a weight type; UnsupportedModelError if there is none."""
+    r = ROUTES.get(int(ggml_type))
+    if r is None:
+        try:
+            name = T(int(ggml_type)).name
+        except ValueError:
+            name = f"id {int(ggml_type)}"
+        raise UnsupportedModelError(
+            f"no CPU kernel for weight type {name}; supported: "
+            + ", ".join(T(t).name for t in ROUTES) + " (requantize the model to one of them)"
+        )
+    return r
+
+
+def matmul_raw(x: np.ndarray, raw: np.ndarray, ggml_type: int, n_out: int) -> np.ndarray:
+    """x (T, n_in) float32 C-contiguous, raw (n_out, row_bytes) -> (T, n_out) float32."""
+    rt = route(ggml_type)
+    n_tok, n_in = x.shape
+    out = np.empty((n_tok, n_out), np.float32)
+    if n_tok == 0 or n_out == 0:
+        return out
+    if rt.vec_dot_type == "f32":  # F32 x F32: BLAS on the mapped weights
+        np.matmul(x, raw.view(np.float32).reshape(n_out, n_in).T, out=out)
+        return out
+    for t0 in range(0, n_tok, TOKEN_TILE):
+        t1 = min(n_tok, t0 + TOKEN_TILE)
+        _product(rt, x[t0:t1], raw, out[t0:t1])
+    return out
+
+
+def _product(rt: Route, x: np.ndarray, raw: np.ndarray, out: np.ndarray) -> None:
+    """out (T, n_out) = x (T, n_in) @ W.T for a quantized or 16-bit weight type."""
+    n_tok, n_in = x.shape
+    n_out = out.shape[1]
+    work = raw.nbytes * n_tok
+    if rt.vec_dot_type in ("f16", "bf16"):
+        xr = act_quant.round_fp16(x) if rt.vec_dot_type == "f16" else act_quant.round_bf16(x)
+        w16 = raw.view(np.uint16).reshape(n_out, n_in)
+        if n_tok <= DECODE_MAX_TOKENS:
+            run_rows(rt.decode, (w16, xr, out), n_out, work)
+        else:
+            run_rows(rt.prefill, (w16, tokens_last(xr), out), n_out, work, ROWS)
+        return
+    xq, xd, *extra = act_quant.quantize(x, rt.vec_dot_type)
+    if n_tok <= DECODE_MAX_TOKENS:
+        run_rows(rt.decode, (raw, xq, xd, *extra, out, rt.qk), n_out, work)
+    else:
+        args = (raw, tokens_last(xq), tokens_last(xd), *(tokens_last(e) for e in extra), out, rt.qk)
+        run_rows(rt.prefill, args, n_out, work, ROWS)
+
+
+def get_rows_raw(raw: np.ndarray, ggml_type: int, n_in: int, ids: np.ndarray) -> np.ndarray:
+    """Dequantize rows ``ids`` of raw (n_rows, row_bytes) -> (len(ids), n_in) float32."""
+    route(ggml_type)
+    picked = raw[ids]  # (n, row_bytes): only the rows asked for are read
+    return dequantize(picked, int(ggml_type), (len(ids), n_in))

