@@ -30,10 +30,11 @@ def logits(path: Path, token_ids: list[int]) -> np.ndarray:
 def logits_stepwise(path: Path, token_ids: list[int]) -> np.ndarray:
     """llama.cpp's logits computed one token at a time (its decode path).
 
-    llama.cpp's CPU batch path is not always consistent with itself: for Q8_0 weights a row
-    of a batched matrix product can differ from the same token evaluated alone (seen here:
-    the last row of a 40-token prompt, by 0.06). Generation runs the one-token path, so
-    that is the oracle for token-level comparisons.
+    llama.cpp's CPU batch path is not always consistent with itself: on a Q8_0 file a row of
+    a batched evaluation can differ from the same token evaluated alone (seen here: the last
+    row of a 40-token prompt, by 0.06), since a last-bit difference can flip a rounding in
+    the next activation quantization. Generation runs the one-token path, so that is the
+    oracle for token-level comparisons.
     """
     llm = load(path)
     try:

@@ -115,6 +115,20 @@ def activations(n_tok: int, n_in: int, seed: int = 0, outlier: float = 20.0) -> 
     return x
 
 
+def _ggml_activations(cpu, vtype: str, x: np.ndarray) -> np.ndarray:
+    """x as llama.cpp feeds it to the dot products (quantized by its from_float), float64."""
+    raw = cpu.from_float(vtype, x)
+    if vtype == "F32":
+        return raw.view(np.float32).astype(np.float64)
+    if vtype == "F16":
+        return raw.view(np.float16).astype(np.float64)
+    if vtype == "BF16":
+        return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    qs, d, _ = _split_q8(vtype, raw)
+    qk = qs.shape[1] // d.shape[1]
+    return (qs.reshape(len(x), -1, qk) * d[..., None].astype(np.float64)).reshape(x.shape)
+
+
 def _abs_terms(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     """sum_k |x[t, k]| |w[r, k]|: the scale of the float32 rounding of a dot product."""
     return np.abs(x.astype(np.float64)) @ np.abs(w).T
@@ -135,6 +149,15 @@ def test_matmul_matches_llama_cpp(cpu, qtype, n_tok):
     tol = 1e-5 * _abs_terms(x, wd) + 1e-30
     bad = np.abs(y.astype(np.float64) - ref) > tol
     assert not bad.any(), f"{bad.sum()} of {bad.size}: ours {y[bad][:4]} llama.cpp {ref[bad][:4]}"
+    # The same in exact arithmetic: float64 products of the blocks llama.cpp quantized.
+    exact_q = _ggml_activations(cpu, vtype, x) @ wd.T
+    if vtype == "Q8_1":  # ggml adds m_w * s_x, where s_x = fp16(d_x * sum(q_x)) is rounded
+        qs, d, s = _split_q8(vtype, cpu.from_float(vtype, x))
+        m_w = qw.raw.reshape(N_OUT, -1, qw.raw.shape[1] // (n_in // 32))[:, :, 2:4]
+        m_w = m_w.copy().view(np.float16)[..., 0].astype(np.float64)            # (n_out, nb)
+        sum_q = qs.reshape(n_tok, -1, 32).astype(np.float64).sum(-1)             # (T, nb)
+        exact_q += (s - d.astype(np.float64) * sum_q) @ m_w.T
+    assert (np.abs(y - exact_q) <= tol).all()
     # Close to the product without activation quantization (an outlier makes its block's
     # activation steps coarse, in llama.cpp too: this check runs without one).
     x = activations(n_tok, n_in, seed=n_tok, outlier=1.0)

@@ -15,9 +15,9 @@ int32 sum per block, then ``sumf += sumi * (d_w * d_x)`` (Q4_1/Q5_1 add ``m_w * 
 
 Decode kernels (``mv_*``: one or a few tokens; each weight row is read from memory once
 and stays in L1 for all tokens) take one block's integer dot product at a time with a
-vector intrinsic (_simd.py); prefill
-kernels (``mm_*``) unpack four rows' blocks and run them against every token at once
-(prefill.py). Activations are (T, n): ``xq`` int8, ``xd``/``xs`` float32 per block.
+vector intrinsic (_simd.py); prefill kernels (``mm_*``) unpack four rows' blocks and run
+them against every token at once (prefill.py). Activations are (T, n): ``xq`` int8,
+``xd``/``xs`` float32 per block (tokens-last in prefill).
 """
 
 from __future__ import annotations
