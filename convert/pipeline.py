@@ -50,7 +50,7 @@ def default_output(plan: ConversionPlan) -> Path:
 def convert(source: str | Path, file_type: str | FileType, output: str | Path | None = None, *,
             force: bool = False, overrides: Iterable[KV] = (), options: MixOptions | None = None,
             imatrix: dict[str, np.ndarray] | None = None,
-            progress: Callable[[PlannedTensor], None] | None = None,
+            progress: Callable[[PlannedTensor, int], None] | None = None,
             on_plan: Callable[[ConversionPlan], None] | None = None) -> ConvertResult:
     """Convert a safetensors checkpoint (file, folder or index) into one GGUF file."""
     t0 = time.perf_counter()
@@ -67,9 +67,7 @@ def convert(source: str | Path, file_type: str | FileType, output: str | Path | 
             writer.attach(f)
             writer.write_header()
             for t in plan.tensors:
-                _write_tensor(writer, plan, t, imatrix)
-                if progress is not None:
-                    progress(t)
+                _write_tensor(writer, plan, t, imatrix, progress or (lambda t, n: None))
             writer.finish()
         result = ConvertResult(out, ft.name, out.stat().st_size, plan.n_params,
                                time.perf_counter() - t0)
@@ -90,17 +88,25 @@ def _declare(plan: ConversionPlan) -> GGUFWriter:
 
 
 def _write_tensor(writer: GGUFWriter, plan: ConversionPlan, t: PlannedTensor,
-                  imatrix: dict[str, np.ndarray] | None) -> None:
+                  imatrix: dict[str, np.ndarray] | None,
+                  progress: Callable[[PlannedTensor, int], None]) -> None:
+    """Write one tensor in row chunks; `progress(t, n)` after each n elements."""
     if plan.read_raw is not None and t.qtype.name == t.source_type:
         writer.write_tensor(t.name, plan.read_raw(t))  # same type: copy the bytes as they are
+        progress(t, t.n_elements)
         return
     data = plan.read(t)  # (..., n_per_row) float32
     rows = data.reshape(-1, t.shape[-1]) if data.ndim else data.reshape(1, 1)
     weights = imatrix_for(imatrix, t.name, rows.shape[1]) if t.qtype.block_size > 1 else None
     step = max(1, CHUNK_ELEMENTS // max(rows.shape[1], 1))
-    parts = (quantize(rows[i:i + step], t.qtype, name=t.source or t.name, imatrix=weights)
-             for i in range(0, rows.shape[0], step))
-    writer.write_tensor_chunks(t.name, parts)
+
+    def parts():
+        for i in range(0, rows.shape[0], step):
+            chunk = rows[i:i + step]
+            yield quantize(chunk, t.qtype, name=t.source or t.name, imatrix=weights)
+            progress(t, chunk.size)
+
+    writer.write_tensor_chunks(t.name, parts())
 
 
 def _validate(path: Path, plan: ConversionPlan) -> None:

@@ -129,14 +129,24 @@ def quantize_cmd(source: str, type_: str, output: str | None, force: bool, metas
         imatrix = load_imatrix(imatrix_path)
     bar: list[Any] = []
 
+    current: list[Any] = [None]
+
     def on_plan(plan: Any) -> None:
         total = sum(t.n_elements for t in plan.tensors)
-        bar.append(tqdm(total=total, unit="param", unit_scale=True, disable=no_progress,
+        bar.append(tqdm(total=total, unit="param", unit_scale=True, disable=no_progress, position=0,
                         desc=f"{plan.model_name} -> {plan.file_type.name}", file=sys.stderr))
+        bar.append(tqdm(total=1, unit="param", unit_scale=True, disable=no_progress, position=1,
+                        leave=False, file=sys.stderr))
 
-    def progress(t: Any) -> None:
-        bar[0].set_postfix_str(t.name, refresh=False)
-        bar[0].update(t.n_elements)
+    def progress(t: Any, n: int) -> None:
+        """Overall bar, and one bar for the tensor being written."""
+        overall, tensor = bar
+        if current[0] is not t:
+            current[0] = t
+            tensor.reset(total=t.n_elements)
+            tensor.set_description_str(f"{t.name} {t.qtype.name}", refresh=False)
+        tensor.update(n)
+        overall.update(n)
 
     try:
         result = convert(source, type_, output, force=force, overrides=overrides, options=options,
