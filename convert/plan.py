@@ -14,7 +14,7 @@ import gguf
 import numpy as np
 from gguf import GGUFValueType as V
 
-from ggforge.convert.archs import ArchSpec, HParams, spec_for_config  # noqa: F401
+from ggforge.convert.archs import ArchSpec, HParams, spec_for_config
 from ggforge.convert.archs.base import SKIP_MARKERS, SKIP_SUFFIXES
 from ggforge.convert.mixes import FileType, Mixer, MixOptions, llama_order
 from ggforge.convert.tokenizer import export_tokenizer

@@ -75,6 +75,6 @@ def atomic_output(output: Path, *, planned_size: int | None = None,
     except BaseException as e:  # Ctrl-C and SystemExit too: never leave a partial file
         with contextlib.suppress(OSError):
             tmp.unlink()
-        if isinstance(e, OSError) and not isinstance(e, FormatError):
+        if isinstance(e, OSError):
             raise FormatError(f"{output}: could not write: {e.strerror or e}") from e
         raise

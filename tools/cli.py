@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from typing import Any, Callable
+from typing import Any
 
 import click
 from gguf import GGUFValueType as V
