@@ -34,9 +34,15 @@ def check_output(output: Path, inputs: Sequence[Path], *, force: bool) -> None:
         raise FormatError(f"{output}: file exists; pass --force to overwrite it")
     if output.exists() and output.is_dir():
         raise FormatError(f"{output}: is a folder; give a file name")
+    _output_folder(output)
+
+
+def _output_folder(output: Path) -> Path:
+    """The folder the output goes to; FormatError when it does not exist."""
     folder = output.parent if str(output.parent) else Path(".")
     if not folder.is_dir():
         raise FormatError(f"{output}: folder {folder} does not exist")
+    return folder
 
 
 def check_free_space(folder: Path, needed: int) -> None:
@@ -56,9 +62,7 @@ def atomic_output(output: Path, *, planned_size: int | None = None,
                   validate: Callable[[Path], None] | None = None) -> Iterator[BinaryIO]:
     """Yield a binary file object; on success the bytes appear at `output` at once."""
     output = Path(output)
-    folder = output.parent if str(output.parent) else Path(".")
-    if not folder.is_dir():
-        raise FormatError(f"{output}: folder {folder} does not exist")
+    folder = _output_folder(output)
     if not os.access(folder, os.W_OK):
         raise FormatError(f"{output}: folder {folder} is not writable")
     if planned_size is not None:

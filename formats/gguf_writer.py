@@ -101,6 +101,7 @@ class GGUFWriter:
         self._names: set[str] = set()
         self._next = 0  # index of the next tensor whose data is due
         self._header_written = False
+        self._header: bytes | None = None  # encoded once; cleared when an entry is added
         if alignment != DEFAULT_ALIGNMENT:
             self.add_uint32("general.alignment", alignment)
 
@@ -116,6 +117,7 @@ class GGUFWriter:
         if not kv.key:
             raise FormatError("empty GGUF metadata key")
         self._kv[kv.key] = kv
+        self._header = None
 
     def add_all(self, kvs: Iterable[KV]) -> None:
         for kv in kvs:
@@ -160,6 +162,7 @@ class GGUFWriter:
         except FormatError as e:
             raise FormatError(f"tensor {name!r}: {e}") from None
         self._names.add(name)
+        self._header = None
         self._tensors.append((name, tuple(int(d) for d in shape), qtype, nbytes))
         return nbytes
 
@@ -168,6 +171,8 @@ class GGUFWriter:
 
     def header_bytes(self) -> bytes:
         """The whole header: magic, counts, key/values, tensor infos, padding."""
+        if self._header is not None:
+            return self._header
         out = [GGUF_MAGIC, struct.pack("<IQQ", GGUF_VERSION, len(self._tensors), len(self._kv))]
         for kv in self._kv.values():
             out.append(_string(kv.key) + struct.pack("<I", int(kv.vtype))
@@ -179,7 +184,8 @@ class GGUFWriter:
                                                    int(qtype), offset))
             offset += nbytes + self._pad(nbytes)
         head = b"".join(out)
-        return head + b"\0" * self._pad(len(head))
+        self._header = head + b"\0" * self._pad(len(head))
+        return self._header
 
     @property
     def planned_size(self) -> int:
