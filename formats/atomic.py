@@ -2,17 +2,22 @@
 
 `atomic_output` writes to `OUTPUT.partial` beside the output, flushes and fsyncs, lets the
 caller validate the bytes, then renames onto the final name. On any exception, Ctrl-C
-included, the partial file is removed and an existing output is left untouched.
+included (and SIGTERM/SIGHUP, which the CLI turns into one: tools/errors.py), the partial
+file is removed and an existing output is left untouched. Only SIGKILL or a crash leaves
+the partial file; the next run to the same output removes it with a warning.
 """
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator, Sequence
 
 from ggforge.formats.errors import FormatError
+
+log = logging.getLogger(__name__)
 
 MARGIN = 16 << 20  # free space kept beyond the planned size
 
@@ -57,6 +62,22 @@ def _mib(n: int) -> str:
     return f"{n / (1 << 20):,.1f}"
 
 
+def _remove_stale(tmp: Path) -> None:
+    """A partial file at our name is left from a run that was killed (SIGKILL, power
+    loss): it is never an output, so remove it, and say so."""
+    if not os.path.lexists(tmp):
+        return
+    if tmp.is_dir() and not tmp.is_symlink():
+        raise FormatError(f"{tmp}: a folder is in the way of the partial output file; "
+                          "remove or rename it")
+    log.warning("%s: removing a partial file left by an interrupted run", tmp)
+    try:
+        tmp.unlink()
+    except OSError as e:
+        raise FormatError(f"{tmp}: a partial file left by an interrupted run is in the way "
+                          f"and cannot be removed: {e.strerror or e}") from None
+
+
 @contextlib.contextmanager
 def atomic_output(output: Path, *, planned_size: int | None = None,
                   validate: Callable[[Path], None] | None = None) -> Iterator[BinaryIO]:
@@ -68,8 +89,9 @@ def atomic_output(output: Path, *, planned_size: int | None = None,
     if planned_size is not None:
         check_free_space(folder, planned_size)
     tmp = partial_path(output)
+    _remove_stale(tmp)
     try:
-        with open(tmp, "wb") as f:
+        with open(tmp, "xb") as f:  # exclusive: never written through a link left there
             yield f
             f.flush()
             os.fsync(f.fileno())

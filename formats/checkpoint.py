@@ -159,7 +159,12 @@ class Checkpoint:
         # Shard order is the sorted file names, as transformers loads them.
         files = sorted({_shard_path(index_path, model_dir, v) for v in weight_map.values()})
         for f in files:
-            if not f.is_file():
+            try:
+                present = f.is_file()
+            except OSError as e:  # the name comes from the file: too long, a link loop, ...
+                raise FormatError(f"{index_path}: shard {f.relative_to(model_dir)} named in"
+                                  f" weight_map cannot be opened: {e.strerror or e}") from None
+            if not present:
                 raise FormatError(f"{index_path}: shard {f.relative_to(model_dir)} is missing"
                                   f" from {model_dir} (incomplete download?)")
         ckpt = cls._open_files(model_dir, files)

@@ -11,8 +11,9 @@ A contradiction here would otherwise surface as an out-of-bounds index deep in a
 """
 from __future__ import annotations
 
+import math
 import re
-from typing import Any
+from typing import Any, Callable
 
 from gguf import GGUFValueType as V
 
@@ -34,6 +35,22 @@ _SPECIAL_ID = re.compile(r"^tokenizer\.ggml\.\w+_token_id$")
 _VOCAB_ROWS = ("token_embd.weight", "output.weight")
 
 _LAYER = re.compile(r"^blk\.(\d+)\.")
+# Keys a runtime reads as names, flags, integers and floats (llama.cpp's names; `{arch}.`
+# goes in front of the last two kinds). Three integers may also come one per layer. A RoPE
+# base or scale of 0 or below, like a NaN anywhere, turns every logit into NaN.
+_STRING_KEYS = ("general.name", "tokenizer.ggml.model", "tokenizer.ggml.pre",
+                "tokenizer.chat_template")
+_BOOL_KEYS = ("tokenizer.ggml.add_bos_token", "tokenizer.ggml.add_eos_token",
+              "tokenizer.ggml.add_space_prefix")
+_ARCH_INT_KEYS = ("context_length", "embedding_length", "feed_forward_length", "block_count",
+                  "attention.head_count", "attention.head_count_kv", "attention.key_length",
+                  "attention.value_length", "rope.dimension_count", "attention.sliding_window",
+                  "vocab_size", "expert_count", "expert_used_count")
+_PER_LAYER_KEYS = {"feed_forward_length", "attention.head_count", "attention.head_count_kv"}
+_ARCH_FLOAT_KEYS = ("attention.layer_norm_epsilon", "attention.layer_norm_rms_epsilon",
+                    "rope.freq_base", "rope.freq_base_swa", "rope.scaling.factor",
+                    "final_logit_softcapping", "attn_logit_softcapping")
+_POSITIVE_KEYS = {"rope.freq_base", "rope.freq_base_swa", "rope.scaling.factor"}
 # Architectures whose attn_q also carries a per-head output gate: 2 x head_count x head_dim
 # rows (llama.cpp src/models/qwen3next.cpp, qwen35.cpp, qwen35moe.cpp, qwen4exp.cpp).
 _GATED_Q = {"qwen3next", "qwen35", "qwen35moe", "qwen4exp"}
@@ -52,6 +69,7 @@ def check_model_metadata(g: Any) -> None:
     arch = g.metadata.get("general.architecture")
     if "general.architecture" in g.metadata and not isinstance(arch, str):
         raise _err(g, "key 'general.architecture' must be a string")
+    _check_value_types(g, arch)
     layers = _check_block_count(g, arch) if arch else None
     if arch and layers is not None:
         _check_heads(g, arch, layers)
@@ -61,6 +79,40 @@ def check_model_metadata(g: Any) -> None:
             if t is not None and len(t.dims) >= 2 and t.dims[1] != n_vocab:
                 raise _err(g, f"tensor {name!r} has {t.dims[1]} rows but {TOKENS!r} has "
                               f"{n_vocab} tokens")
+
+
+def _check_value_types(g: Any, arch: str | None) -> None:
+    """The keys a runtime reads as numbers or names have a number's or a name's type (a
+    string array where a length belongs would surface as a TypeError deep in a loader)."""
+    for keys, vtype in ((_STRING_KEYS, V.STRING), (_BOOL_KEYS, V.BOOL)):
+        for key in keys:
+            if key in g.metadata and g.value_types[key][0] != vtype:
+                raise _err(g, f"key {key!r} must be a {vtype.name}, not "
+                              f"{g.value_types[key][0].name}")
+    if not arch:
+        return
+    for name in _ARCH_INT_KEYS:
+        key = f"{arch}.{name}"
+        if key not in g.metadata:
+            continue
+        vtype, elem = g.value_types[key]
+        if vtype not in _INT_TYPES and not (name in _PER_LAYER_KEYS and elem in _INT_TYPES):
+            got = vtype.name if elem is None else f"ARRAY of {elem.name}"
+            raise _err(g, f"key {key!r} must be an integer"
+                          f"{' (or one per layer)' if name in _PER_LAYER_KEYS else ''}, not {got}")
+    for name in _ARCH_FLOAT_KEYS:
+        key = f"{arch}.{name}"
+        if key not in g.metadata:
+            continue
+        vtype, elem = g.value_types[key]
+        if vtype not in _INT_TYPES | {V.FLOAT32, V.FLOAT64}:
+            got = vtype.name if elem is None else f"ARRAY of {elem.name}"
+            raise _err(g, f"key {key!r} must be a number, not {got}")
+        value = g.metadata[key]
+        if not math.isfinite(value):
+            raise _err(g, f"key {key!r} is {value}, not a finite number")
+        if name in _POSITIVE_KEYS and value <= 0:
+            raise _err(g, f"key {key!r} is {value}; it must be greater than 0")
 
 
 def _err(g: Any, what: str) -> FormatError:
@@ -77,8 +129,11 @@ def _int(g: Any, key: str, default: Any = None) -> Any:
     return int(g.metadata[key])
 
 
-def _per_layer(g: Any, key: str, n_layers: int, default: list[int] | None) -> list[int] | None:
-    """A value given once for all layers or as an array with one entry per layer."""
+def _per_layer(g: Any, key: str, n_layers: int,
+               default: Callable[[int], int] | None) -> Callable[[int], int] | None:
+    """A value given once for all layers or as an array with one entry per layer, as a
+    function of the layer index. (Not a list: n_layers comes from the file and may be
+    2**63, while an array's length is bounded by the file's bytes.)"""
     if key not in g.metadata:
         return default
     vtype, elem = g.value_types[key]
@@ -88,8 +143,9 @@ def _per_layer(g: Any, key: str, n_layers: int, default: list[int] | None) -> li
         values = [int(v) for v in g.metadata[key]]
         if len(values) != n_layers:
             raise _err(g, f"key {key!r} has {len(values)} entries for {n_layers} layers")
-        return values
-    return [_int(g, key)] * n_layers
+        return values.__getitem__
+    value = _int(g, key)
+    return lambda i: value
 
 
 def _check_tokenizer(g: Any) -> int | None:
@@ -133,7 +189,9 @@ def _check_block_count(g: Any, arch: str) -> int | None:
     if max(found) >= n_layers:
         raise _err(g, f"tensor blk.{max(found)}.* contradicts {key!r} = {n_layers}")
     if len(found) != n_layers:
-        missing = min(set(range(min(n_layers, max(found) + 2))) - found)
+        # the smallest missing layer, found in len(found) steps: n_layers comes from the
+        # file and may be 2**63, so never build range(n_layers)
+        missing = next(i for i in range(len(found) + 1) if i not in found)
         raise _err(g, f"key {key!r} = {n_layers} but there are no blk.{missing}.* tensors "
                       f"({len(found)} layers have tensors)")
     return n_layers
@@ -157,12 +215,16 @@ def _check_heads(g: Any, arch: str, n_layers: int) -> None:
         return
     heads_kv = _per_layer(g, kkv, n_layers, heads)
     n_embd = _int(g, f"{arch}.embedding_length")
+    n_rot = _int(g, f"{arch}.rope.dimension_count")
     q_factor = 2 if arch in _GATED_Q else 1
-    for i in range(n_layers):
+    # Only layers that have tensors (all < n_layers, see _check_block_count): looping
+    # over range(n_layers) would let the file's block_count decide how long we loop.
+    layers = sorted({int(m.group(1)) for name in g.tensors if (m := _LAYER.match(name))})
+    for i in layers:
         q, k, v = (g.tensors.get(f"blk.{i}.attn_{x}.weight") for x in "qkv")
         if q is None and k is None and v is None:
             continue  # recurrent / fused-qkv / MLA layer: nothing to compare here
-        n_head, n_kv = heads[i], heads_kv[i]
+        n_head, n_kv = heads(i), heads_kv(i)
         if n_head <= 0 or n_kv <= 0:
             raise _err(g, f"layer {i} has attention weights but {kh} = {n_head} and "
                           f"{kkv} = {n_kv}")
@@ -173,6 +235,12 @@ def _check_heads(g: Any, arch: str, n_layers: int) -> None:
         if not dk and n_embd is not None:
             raise _err(g, f"layer {i}: {arch}.embedding_length {n_embd} is not divisible by "
                           f"{kh} = {n_head} and no {arch}.attention.key_length is given")
+        # RoPE turns pairs of a head's dimensions: more than the head has would write
+        # past each head (a heap overflow in an unchecked kernel)
+        if n_rot is not None and dk and (n_rot <= 0 or n_rot % 2 or n_rot > max(dk)):
+            raise _err(g, f"key '{arch}.rope.dimension_count' = {n_rot} contradicts the head "
+                          f"size {max(dk)} of layer {i}: RoPE rotates an even number of "
+                          f"dimensions, from 2 to the head size")
         for t, n, sizes, what in ((q, n_head * q_factor, dk, kh), (k, n_kv, dk, kkv),
                                   (v, n_kv, dv, kkv)):
             if t is None or not sizes or len(t.dims) < 2:

@@ -21,6 +21,7 @@ import json
 import logging
 import mmap
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -156,7 +157,35 @@ def load_json_object(path: str | Path, text_bytes: bytes, what: str) -> dict:
         raise FormatError(f"{path}: {what} is not valid JSON: {e}") from None
     if not isinstance(obj, dict):
         raise FormatError(f"{path}: {what} is not a JSON object")
+    if _SURROGATE_ESCAPE.search(text):
+        bad = _lone_surrogate(obj)
+        if bad is not None:  # the safetensors library (serde_json) refuses these too
+            raise FormatError(f"{path}: {what} holds the string {bad[:80]!r}, whose \\u escape "
+                              "is a lone UTF-16 surrogate: not valid Unicode")
     return obj
+
+
+# A \uD800-\uDFFF escape: json.loads turns a lone one into a str that cannot be encoded
+# (printing the name would fail later); a pair is a valid character.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _lone_surrogate(obj: object) -> str | None:
+    """The first string (key or value) that is not valid Unicode, or None."""
+    stack = [obj]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, str):
+            try:
+                x.encode("utf-8")
+            except UnicodeEncodeError:
+                return x
+        elif isinstance(x, dict):
+            stack.extend(x)
+            stack.extend(x.values())
+        elif isinstance(x, list):
+            stack.extend(x)
+    return None
 
 
 def _is_int(x: object) -> bool:

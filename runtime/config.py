@@ -99,7 +99,7 @@ class ModelConfig:
             n_ff=int(key("feed_forward_length", required=True)),
             n_vocab=emb.shape[0] if vocab is None else len(vocab),
             n_ctx_train=int(key("context_length", 4096)),
-            eps=float(key("attention.layer_norm_rms_eps", 1e-5)),
+            eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
             rope_base=base, rope_scale=1.0 / factor if scaling == "linear" else 1.0,
             rope_base_swa=float(key("rope.freq_base_swa", 10000.0)),
             n_rot=int(key("rope.dimension_count", head_dim)),

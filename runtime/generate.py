@@ -28,14 +28,24 @@ DEFAULT_CTX_CAP = 4096
 class LoadedModel:
     """A model, its tokenizer and one KV cache."""
 
-    def __init__(self, path: str | Path, *, n_ctx: int | None = None):
-        self.model = Model(path)
-        self.tokenizer = Tokenizer.from_metadata(self.model.gguf.metadata)
-        c = self.model.config
-        self.n_ctx = int(n_ctx or min(c.n_ctx_train, DEFAULT_CTX_CAP))
-        if self.n_ctx < 1:
-            raise ValueError(f"context size must be at least 1, got {self.n_ctx}")
-        self.cache = self.model.new_cache(self.n_ctx)
+    def __init__(self, path: str | Path, *, n_ctx: int | None = None,
+                 gpu_layers: int | str = 0, gpu_memory: int | None = None, device=None):
+        self.model = Model(path)  # checks the metadata before building anything on it
+        try:
+            self.tokenizer = Tokenizer.from_metadata(self.model.gguf.metadata)
+            c = self.model.config
+            self.n_ctx = int(n_ctx or min(c.n_ctx_train, DEFAULT_CTX_CAP))
+            if self.n_ctx < 1:
+                where = "" if n_ctx else f" ({c.arch}.context_length in the file; pass --ctx-size)"
+                raise ValueError(f"context size must be at least 1, got {self.n_ctx}{where}")
+            self.plan = None
+            if gpu_layers not in (0, "0"):
+                self.plan = plan_offload(self.model, self.n_ctx, gpu_layers, gpu_memory, device)
+                self.model.offload(self.plan.gpu_layers, device)
+            self.cache = self.model.new_cache(self.n_ctx)
+        except BaseException:
+            self.model.close()
+            raise
         self._cached: list[int] = []  # the tokens whose keys and values the cache holds
 
     def close(self) -> None:
@@ -61,13 +71,16 @@ class LoadedModel:
         return self.model.forward(np.asarray(ids), cache, all_logits=True)
 
     def _check_ids(self, token_ids: Sequence[int]) -> list[int]:
-        ids = [int(t) for t in token_ids]
+        ids = list(token_ids)
         if not ids:
             raise ValueError("empty prompt: nothing to evaluate (give some text or token ids)")
         n_vocab = self.model.config.n_vocab
         for t in ids:
+            if isinstance(t, (bool, np.bool_)) or not isinstance(t, (int, np.integer)):
+                raise ValueError(f"token id {t!r} is not an integer")
             if not 0 <= t < n_vocab:
                 raise ValueError(f"token id {t} is outside the vocabulary (0..{n_vocab - 1})")
+        ids = [int(t) for t in ids]
         if len(ids) > self.n_ctx:
             raise ContextFullError(f"prompt of {len(ids)} tokens does not fit the context size "
                                    f"{self.n_ctx}; use a larger --ctx-size")
@@ -81,6 +94,7 @@ class LoadedModel:
                 break
             common += 1
         common = min(common, len(ids) - 1)  # always evaluate at least the last token
+        common = self.cache.reusable(common)
         self.cache.truncate(common)
         self._cached = ids[:common]
         logits = self.model.forward(np.asarray(ids[common:]), self.cache)
@@ -90,7 +104,13 @@ class LoadedModel:
     def generate_tokens(self, prompt: str | Sequence[int], *, max_tokens: int = 128,
                         settings: SamplerSettings = SamplerSettings()) -> Iterator[int]:
         """Token ids, one at a time, until an end-of-generation token or max_tokens."""
-        ids = self._check_ids(self.tokenize(prompt) if isinstance(prompt, str) else prompt)
+        ids = self.tokenize(prompt) if isinstance(prompt, str) else prompt
+        if isinstance(prompt, str) and not ids:
+            # llama.cpp evaluates a lone BOS for an empty prompt, or fails: "input is empty"
+            raise ValueError("empty prompt: this model's tokenizer adds no BOS token "
+                             "(tokenizer.ggml.add_bos_token), so there is nothing to evaluate; "
+                             "give some text")
+        ids = self._check_ids(ids)
         sampler = Sampler(settings)
         logits = self._prefill(ids)
         history = list(ids)
@@ -138,6 +158,28 @@ def _held(text: str, stop: Sequence[str], keep: int) -> int:
     return 0
 
 
-def load(path: str | Path, *, n_ctx: int | None = None) -> LoadedModel:
-    """Map a GGUF model and its tokenizer, ready to generate."""
-    return LoadedModel(path, n_ctx=n_ctx)
+def plan_offload(model: Model, n_ctx: int, gpu_layers: int | str, gpu_memory: int | None = None,
+                 device=None):
+    """The placement plan for ``gpu_layers`` (a count, 'all', 'auto'), checked against the
+    device's free memory (or ``gpu_memory``) before anything is uploaded."""
+    from ggforge.runtime import placement
+    from ggforge.runtime.gpu import cuda_free_memory, resolve_device
+
+    n = placement.parse_gpu_layers(gpu_layers)
+    dev = resolve_device(device)     # says how to install torch, or that there is no GPU
+    free = gpu_memory if gpu_memory is not None else (
+        cuda_free_memory() if dev.type == "cuda" else None)
+    plan = placement.make_plan(model.gguf, model.config, n_ctx, n, free)
+    placement.check_fits(plan)
+    return plan
+
+
+def load(path: str | Path, *, n_ctx: int | None = None, gpu_layers: int | str = 0,
+         gpu_memory: int | None = None, device=None) -> LoadedModel:
+    """Map a GGUF model and its tokenizer, ready to generate.
+
+    ``gpu_layers`` (a count as llama.cpp's --n-gpu-layers, 'all' or 'auto') offloads the
+    last layers to a CUDA device (needs ``pip install 'ggforge[gpu]'``); ``gpu_memory``
+    overrides the free device memory the plan assumes.
+    """
+    return LoadedModel(path, n_ctx=n_ctx, gpu_layers=gpu_layers, gpu_memory=gpu_memory, device=device)

@@ -1,11 +1,32 @@
 """The KV cache: allocated once for the context, written by position, read by attention."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 
 class ContextFullError(ValueError):
     """The context window has no room for the tokens asked for."""
+
+
+class CacheTooLargeError(ValueError):
+    """The KV cache for the context size asked for does not fit in memory."""
+
+
+def available_memory() -> int | None:
+    """Bytes the system can still give this process (Linux MemAvailable); None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 class KVCache:
@@ -15,13 +36,29 @@ class KVCache:
                  dtype=np.float32):
         self.n_ctx = n_ctx
         self.n_past = 0
-        # (n_layer, n_ctx, n_head_kv, head_dim): written in place, never reallocated
-        self.k = np.zeros((n_layer, n_ctx, n_head_kv, head_dim), dtype=dtype)
-        self.v = np.zeros((n_layer, n_ctx, n_head_kv, head_dim_v), dtype=dtype)
+        self.gpu = None  # the device layers' cache (runtime/gpu/backend.py), if any
+        # Checked before allocating: numpy would raise MemoryError for an impossible size,
+        # or (lazily zeroed pages) let a too-large cache fail later, mid-generation.
+        size = np.dtype(dtype).itemsize
+        need = n_layer * n_ctx * n_head_kv * (head_dim + head_dim_v) * size
+        free = available_memory()
+        too_large = CacheTooLargeError(
+            f"a KV cache of {n_ctx} tokens needs {need / 2**30:,.2f} GiB ({n_layer} layers x "
+            f"{n_ctx} tokens x {n_head_kv} heads x ({head_dim} + {head_dim_v}) x {size} bytes)"
+            + ("" if free is None else f" but only {free / 2**30:,.2f} GiB of memory is available")
+            + "; use a smaller --ctx-size")
+        if free is not None and need > free:
+            raise too_large
+        try:
+            # (n_layer, n_ctx, n_head_kv, head_dim): written in place, never reallocated
+            self.k = np.zeros((n_layer, n_ctx, n_head_kv, head_dim), dtype=dtype)
+            self.v = np.zeros((n_layer, n_ctx, n_head_kv, head_dim_v), dtype=dtype)
+        except MemoryError:
+            raise too_large from None
 
     @property
     def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
+        return self.k.nbytes + self.v.nbytes + (self.gpu.nbytes if self.gpu is not None else 0)
 
     def check_room(self, n: int) -> None:
         if self.n_past + n > self.n_ctx:
@@ -43,3 +80,11 @@ class KVCache:
     def truncate(self, n: int) -> None:
         """Forget positions n.. (the next tokens are written from position n)."""
         self.n_past = min(self.n_past, n)
+        if self.gpu is not None:
+            self.gpu.truncate(self.n_past)
+
+    def reusable(self, n: int) -> int:
+        """How many of the first n cached positions a new prompt may keep: all of them,
+        unless a sliding-window ring on the device has overwritten what position n needs."""
+        n = min(n, self.n_past)
+        return n if self.gpu is None else self.gpu.reusable(n)

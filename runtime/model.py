@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ggforge.formats.errors import FormatError
+from ggforge.formats.gguf_checks import check_model_metadata
 from ggforge.formats.gguf_reader import GGUFFile
 from ggforge.formats.quants import dequantize, get_type
 from ggforge.runtime import kernels
@@ -45,8 +46,10 @@ class Model:
     """A mapped GGUF model: `forward(tokens, cache)` -> logits of the last tokens."""
 
     def __init__(self, path: str | Path):
+        self.gpu = None            # GpuLayers of the offloaded layers (see offload())
         self.gguf = GGUFFile.open(path)
         try:
+            check_model_metadata(self.gguf)  # contradictions named before any shape is used
             self.config = ModelConfig.from_gguf(self.gguf)
             self._load()
         except BaseException:
@@ -54,7 +57,23 @@ class Model:
             raise
 
     def close(self) -> None:
+        self.gpu = None
         self.gguf.close()
+
+    @property
+    def n_cpu_layers(self) -> int:
+        return self.config.n_layer if self.gpu is None else self.gpu.first
+
+    def offload(self, gpu_layers: int, device=None) -> None:
+        """Put the last ``gpu_layers`` layers on a torch device, counted as llama.cpp's
+        --n-gpu-layers (n_layer + 1 adds the output head); see runtime/placement.py."""
+        c = self.config
+        gpu_layers = min(int(gpu_layers), c.n_layer + 1)
+        if gpu_layers <= 0:
+            self.gpu = None
+            return
+        from ggforge.runtime.gpu import backend_for
+        self.gpu = backend_for(self, max(c.n_layer - gpu_layers, 0), gpu_layers > c.n_layer, device)
 
     # -- weights ----------------------------------------------------------------------
     def _vec(self, name: str, required: bool = True) -> np.ndarray | None:
@@ -63,16 +82,36 @@ class Model:
             if required:
                 raise FormatError(f"{self.gguf.path}: tensor {name!r} is missing")
             return None
-        return dequantize(np.asarray(self.gguf.raw(name)), get_type(info.ggml_type), info.shape).reshape(-1)
+        # The length the metadata implies, by name (names not listed here are not checked).
+        # A norm weight of another length would make the kernels read past its end.
+        c = self.config
+        lengths = {"attn_norm.weight": c.n_embd, "ffn_norm.weight": c.n_embd,
+                   "output_norm.weight": c.n_embd, "post_attention_norm.weight": c.n_embd,
+                   "post_ffw_norm.weight": c.n_embd, "attn_q.bias": c.n_head * c.head_dim,
+                   "attn_k.bias": c.n_head_kv * c.head_dim,
+                   "attn_v.bias": c.n_head_kv * c.head_dim_v,
+                   "attn_q_norm.weight": c.head_dim, "attn_k_norm.weight": c.head_dim,
+                   "rope_freqs.weight": c.n_rot // 2}
+        n = lengths.get(name.split(".", 2)[-1] if name.startswith("blk.") else name)
+        if n is not None and info.dims != (n,):
+            raise FormatError(f"{self.gguf.path}: tensor {name!r} has shape {info.shape}, "
+                              f"the metadata implies ({n},)")
+        try:
+            qtype = get_type(info.ggml_type)
+        except ValueError as e:  # a type we cannot dequantize: say which tensor of which file
+            raise type(e)(f"{self.gguf.path}: tensor {name!r}: {e}") from None
+        return dequantize(np.asarray(self.gguf.raw(name)), qtype, info.shape).reshape(-1)
 
     def _mat(self, name: str, n_in: int, n_out: int) -> kernels.QWeight:
-        if name not in self.gguf.tensors:
+        info = self.gguf.tensors.get(name)
+        if info is None:
             raise FormatError(f"{self.gguf.path}: tensor {name!r} is missing")
-        w = kernels.QWeight.from_gguf(self.gguf, name)
-        if (w.n_in, w.n_out) != (n_in, n_out):
-            raise FormatError(f"{self.gguf.path}: tensor {name!r} has shape {(w.n_out, w.n_in)}, "
+        # dims exactly (checked before any view is made): a 3-D tensor with as many elements
+        # or a zero-row tensor is as wrong as a transposed one
+        if info.dims != (n_in, n_out):
+            raise FormatError(f"{self.gguf.path}: tensor {name!r} has shape {info.shape}, "
                               f"the metadata implies {(n_out, n_in)}")
-        return w
+        return kernels.QWeight.from_gguf(self.gguf, name)
 
     def _load(self) -> None:
         c = self.config
@@ -105,18 +144,27 @@ class Model:
     # -- forward ----------------------------------------------------------------------
     def new_cache(self, n_ctx: int, dtype=np.float32) -> KVCache:
         c = self.config
-        return KVCache(c.n_layer, n_ctx, c.n_head_kv, c.head_dim, c.head_dim_v, dtype)
+        cache = KVCache(self.n_cpu_layers, n_ctx, c.n_head_kv, c.head_dim, c.head_dim_v, dtype)
+        if self.gpu is not None:
+            cache.gpu = self.gpu.new_cache(n_ctx)
+        return cache
 
     def forward(self, tokens: np.ndarray, cache: KVCache, *, all_logits: bool = False) -> np.ndarray:
         """Run `tokens` at positions cache.n_past.. ; returns logits (n, n_vocab) for all
         tokens or (1, n_vocab) for the last one."""
         c = self.config
-        tokens = np.asarray(tokens, dtype=np.int64)
+        tokens = np.asarray(tokens)
         if tokens.ndim != 1 or tokens.size == 0:
             raise ValueError("forward() needs a non-empty 1-D sequence of token ids")
+        if tokens.dtype.kind not in "iu":  # floats, bools, Python ints past int64 (object)
+            bad = next((t for t in tokens.tolist() if type(t) is not int or not 0 <= t < c.n_vocab),
+                       tokens[0])
+            raise ValueError(f"token id {bad!r} is not an integer in the vocabulary "
+                             f"(0..{c.n_vocab - 1})")
         if tokens.min() < 0 or tokens.max() >= c.n_vocab:
             bad = int(tokens[(tokens < 0) | (tokens >= c.n_vocab)][0])
             raise ValueError(f"token id {bad} is outside the vocabulary (0..{c.n_vocab - 1})")
+        tokens = tokens.astype(np.int64)
         p0, n = cache.n_past, tokens.size
         cache.check_room(n)
         pos = np.arange(p0, p0 + n)
@@ -124,12 +172,17 @@ class Model:
         if c.traits.embed_scale:
             x = x * F32(np.sqrt(F32(c.n_embd)))
         ropes = {}
-        for il, L in enumerate(self.layers):
+        for il, L in enumerate(self.layers[:self.n_cpu_layers]):
             swa = c.is_swa(il)
             if swa not in ropes:
                 base, scale = (c.rope_base_swa, 1.0) if swa else (c.rope_base, c.rope_scale)
                 ropes[swa] = rope_cache(pos, c.n_rot, base, scale, self.rope_freqs)
             x = self._layer(il, L, x, pos, cache, *ropes[swa], window=c.sliding_window if swa else 0)
+        if self.gpu is not None:  # the last layers (and maybe the head) on the device
+            x = self.gpu.forward(x, p0, cache.gpu, all_logits)
+            if self.gpu.head:
+                cache.n_past = p0 + n
+                return x
         cache.n_past = p0 + n
         if not all_logits:
             x = x[-1:]

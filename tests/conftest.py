@@ -1,10 +1,16 @@
 """Shared fixtures: tiny models built once per session, and the error table printed at the end."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
+
+# Without a GPU, the GPU backend's Triton kernels run in Triton's interpreter on the CPU;
+# the switch must be set before anything imports triton.
+if not os.path.exists("/dev/nvidiactl"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/ helpers (model_factory, oracles)
 
@@ -15,6 +21,8 @@ LOGIT_ERRORS: dict[tuple[str, str], float] = {}
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--run-slow", action="store_true", help="run tests marked slow")
+    parser.addoption("--fuzz-cases", type=int, default=300,
+                     help="mutated files per reader in tests/test_fuzz.py (long run: 20000)")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

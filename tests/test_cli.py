@@ -191,3 +191,19 @@ def test_inspect_safetensors_and_bad_files(model, tmp_path):
     bad.write_bytes(b"GGUF\x07\x00\x00\x00" + b"\0" * 16)
     _one_line_error(_run(["inspect", str(bad)]), str(bad))
     _one_line_error(_run(["inspect", str(tmp_path / "missing.gguf")]), "missing.gguf")
+
+
+def test_inspect_escapes_control_characters(tmp_path):
+    """A hostile file's strings (ANSI escapes, bells) are shown escaped, not sent to the terminal."""
+    path = tmp_path / "evil.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_string("general.name", "x\x1b[2J\x07y")
+    w.add_tensor("t\x1b[31m", np.zeros(4, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    r = _run(["inspect", str(path)])
+    assert r.exit_code == 0, r.output
+    assert "\x1b" not in r.output and "\x07" not in r.output
+    assert "x\\x1b[2J\\x07y" in r.output and "t\\x1b[31m" in r.output

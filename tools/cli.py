@@ -165,11 +165,20 @@ def quantize_cmd(source: str, type_: str, output: str | None, force: bool, metas
 @click.command("inspect")
 @click.argument("path", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--plan", "show_plan", is_flag=True, help="Show what fits where: GPU/CPU layers, KV cache, memory.")
+@click.option("-c", "--ctx-size", type=int, default=None, help="Context size for --plan (default: as `run`).")
+@click.option("--gpu-memory", default=None, help="Free GPU memory for --plan (default: what the device reports).")
+@click.option("-ngl", "--gpu-layers", default=None,
+              help="Layers on the GPU for --plan: N, 'all' or 'auto' (default: auto when the memory is known, else all).")
 @one_line_errors
-def inspect_cmd(path: str, as_json: bool) -> None:
+def inspect_cmd(path: str, as_json: bool, show_plan: bool, ctx_size: int | None,
+                gpu_memory: str | None, gpu_layers: str | None) -> None:
     """Show what is inside a GGUF or safetensors file."""
     from ggforge.formats.summary import summarize
 
+    if show_plan:
+        _print_plan(path, ctx_size, gpu_memory, gpu_layers)
+        return
     s = summarize(path)
     if as_json:
         click.echo(json.dumps(s, indent=1, default=str))
@@ -181,7 +190,7 @@ def inspect_cmd(path: str, as_json: bool) -> None:
         click.echo(format_table(["key", "value"], [[k, _short(v)] for k, v in s["metadata"].items()]))
     click.echo("\ntensors")
     click.echo(format_table(["name", "type", "shape", "bytes"],
-                            [[t["name"], t["type"], "x".join(map(str, t["shape"])) or "scalar", t["bytes"]]
+                            [[_printable(t["name"]), t["type"], "x".join(map(str, t["shape"])) or "scalar", t["bytes"]]
                              for t in s["tensors"]]))
     click.echo("\ntotals by type")
     rows = [[k, d["tensors"], d["params"], human_bytes(d["bytes"]), round(8 * d["bytes"] / max(d["params"], 1), 2)]
@@ -191,13 +200,43 @@ def inspect_cmd(path: str, as_json: bool) -> None:
                f"{s['bits_per_weight']:.2f} bits per weight")
 
 
+def _print_plan(path: str, ctx_size: int | None, gpu_memory: str | None, gpu_layers: str | None) -> None:
+    from ggforge.formats.gguf_reader import GGUFFile
+    from ggforge.runtime.config import ModelConfig
+    from ggforge.runtime.generate import DEFAULT_CTX_CAP
+    from ggforge.runtime.gpu import cuda_free_memory
+    from ggforge.runtime.placement import make_plan, parse_bytes, parse_gpu_layers
+
+    with GGUFFile.open(path) as g:
+        config = ModelConfig.from_gguf(g)
+        n_ctx = int(ctx_size or min(config.n_ctx_train, DEFAULT_CTX_CAP))
+        if n_ctx < 1:
+            raise ValueError(f"context size must be at least 1, got {n_ctx}")
+        free = parse_bytes(gpu_memory) if gpu_memory else cuda_free_memory()
+        n = parse_gpu_layers(gpu_layers) if gpu_layers is not None else ("auto" if free is not None else "all")
+        plan = make_plan(g, config, n_ctx, n, free)
+    click.echo(f"{path}: {config.arch}, {config.n_layer} layers, "
+               + (f"--gpu-layers {gpu_layers}" if gpu_layers is not None else f"--gpu-layers {n} (default)"))
+    click.echo(plan.render())
+    if not plan.fits:
+        raise click.exceptions.Exit(1)
+
+
 def _short(v: Any, width: int = 100) -> str:
     if isinstance(v, dict) and "array_length" in v:
         text = f"[{v['array_length']:,} items] " + json.dumps(v["first"], ensure_ascii=False)[:-1] + ", ...]"
     else:
         text = json.dumps(v, ensure_ascii=False) if not isinstance(v, str) else v
-    text = text.replace("\n", "\\n")
+    text = _printable(text)
     return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def _printable(text: str) -> str:
+    """Control characters (a hostile file's ANSI escapes, say) shown escaped, never sent
+    to the terminal."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 @click.command("bench-quantize")
