@@ -21,6 +21,10 @@ def sampling_options(fn):
         click.option("--seed", type=int, default=None, help="Random seed (default: random)."),
         click.option("-c", "--ctx-size", type=int, default=None, help="Context size (default: the file's, at most 4096)."),
         click.option("-t", "--threads", type=int, default=None, help="CPU threads (default: all)."),
+        click.option("-ngl", "--gpu-layers", default="0", show_default=True,
+                     help="Layers on the GPU, counted as llama.cpp's --n-gpu-layers: N, 'all' or 'auto'."),
+        click.option("--gpu-memory", default=None,
+                     help="Plan with this much free GPU memory (e.g. 6GiB) instead of what the device reports."),
     ]
     for o in reversed(opts):
         fn = o(fn)
@@ -39,9 +43,13 @@ def _load(path: str, kw: dict):
     from ggforge.runtime import kernels
     from ggforge.runtime.generate import load
 
+    from ggforge.runtime.placement import parse_bytes
+
     if kw.get("threads"):
         kernels.set_threads(kw["threads"])
-    return load(path, n_ctx=kw.get("ctx_size"))
+    mem = kw.get("gpu_memory")
+    return load(path, n_ctx=kw.get("ctx_size"), gpu_layers=kw.get("gpu_layers") or 0,
+                gpu_memory=parse_bytes(mem) if mem else None)
 
 
 @click.command("run")
@@ -102,12 +110,21 @@ def chat_cmd(model: str, system: str | None, n_predict: int, **kw) -> None:
 @click.option("-n", "--n-gen", default=64, show_default=True, help="Generated tokens (tg).")
 @click.option("-r", "--repeat", default=3, show_default=True, help="Runs per figure (median kept).")
 @click.option("-t", "--threads", type=int, default=None, help="Threads for both engines (default: all cores).")
+@click.option("-ngl", "--gpu-layers", default=None,
+              help="GPU benchmark at these layer counts, comma-separated (numbers, 'half', 'all'), e.g. 0,half,all.")
+@click.option("--llama-bench", "llama_bench_bin", default=None,
+              help="llama.cpp's llama-bench binary (a CUDA build) to compare the GPU figures with.")
 @one_line_errors
-def bench_cmd(model: str, n_prompt: int, n_gen: int, repeat: int, threads: int | None) -> None:
+def bench_cmd(model: str, n_prompt: int, n_gen: int, repeat: int, threads: int | None,
+              gpu_layers: str | None, llama_bench_bin: str | None) -> None:
     """Prompt (pp) and generation (tg) tokens/s of ggforge beside llama.cpp, same file, same threads."""
     from pathlib import Path
 
     from ggforge.runtime.bench import bench_ggforge, bench_llama_cpp
+
+    if gpu_layers is not None:
+        _bench_gpu(Path(model), n_prompt, n_gen, repeat, threads, gpu_layers, llama_bench_bin)
+        return
 
     threads = threads or len(os.sched_getaffinity(0))
     ours = bench_ggforge(Path(model), n_prompt, n_gen, repeat, threads)
@@ -118,3 +135,39 @@ def bench_cmd(model: str, n_prompt: int, n_gen: int, repeat: int, threads: int |
         rows.append(["ratio", round(ours.pp_tps / theirs.pp_tps, 2), round(ours.tg_tps / theirs.tg_tps, 2)])
     click.echo(f"{model}: {threads} threads, pp{n_prompt} tg{n_gen}, median of {repeat}")
     click.echo(format_table(["engine", f"pp{n_prompt} t/s", f"tg{n_gen} t/s"], rows))
+
+
+def _bench_gpu(model, n_prompt: int, n_gen: int, repeat: int, threads: int | None, spec: str,
+               llama_bench_bin: str | None) -> None:
+    from ggforge.formats.gguf_reader import GGUFFile
+    from ggforge.runtime import kernels
+    from ggforge.runtime.gpu import resolve_device
+    from ggforge.runtime.gpu.bench import bench_offload, llama_bench, measure_bandwidth
+
+    resolve_device()   # a CUDA device, or one clear line
+    kernels.set_threads(threads or len(os.sched_getaffinity(0)))
+    with GGUFFile.open(model) as g:
+        n_layer = int(g.get(f"{g.get('general.architecture')}.block_count"))
+    counts = []
+    for part in spec.split(","):
+        part = part.strip().lower()
+        counts.append(n_layer + 1 if part == "all" else n_layer // 2 if part == "half" else int(part))
+    bw = measure_bandwidth()
+    rows = []
+    for n in counts:
+        s = bench_offload(model, n_prompt, n_gen, repeat, n)
+        frac = s.tg_tps * s.device_bytes_per_token / bw
+        row = [n, round(s.pp_tps, 1), round(s.tg_tps, 1), f"{s.device_bytes_per_token / 2**20:.0f} MiB",
+               f"{100 * frac:.0f}%"]
+        theirs = llama_bench(llama_bench_bin, model, n_prompt, n_gen, repeat, n) if llama_bench_bin else None
+        if theirs is not None:
+            row += [round(theirs[0], 1), round(theirs[1], 1), round(s.pp_tps / theirs[0], 2),
+                    round(s.tg_tps / theirs[1], 2)]
+        rows.append(row)
+    click.echo(f"{model}: pp{n_prompt} tg{n_gen}, median of {repeat}; device copy bandwidth "
+               f"{bw / 1e9:.0f} GB/s (read + write)")
+    headers = ["gpu layers", "pp t/s", "tg t/s", "device bytes/token", "tg bandwidth"]
+    if any(len(r) > 5 for r in rows):
+        headers += ["llama.cpp pp", "llama.cpp tg", "pp ratio", "tg ratio"]
+        rows = [r + [""] * (9 - len(r)) for r in rows]
+    click.echo(format_table(headers, rows))

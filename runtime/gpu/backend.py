@@ -1,0 +1,325 @@
+"""The last layers of a model (and its output head) on a torch device.
+
+``GpuLayers`` takes the hidden state where the CPU layers leave it, runs its layers with
+the weights uploaded still quantized (ops.py) and a KV cache on the device, and returns
+the hidden state or, when it holds the output head, the logits. Only the hidden state
+crosses between host and device.
+
+The arithmetic follows the CPU backend (runtime/layers.py): float32 throughout, RMS sums
+in float64, the rope table of runtime.layers.rope_cache, ggml's fp16-table GELU, softmax
+sums in float64; matrix products round activations as llama.cpp's CPU backend does.
+
+Sliding-window layers keep a ring of ``window + UBATCH`` cells, not the whole context:
+cell ``p % size`` holds position ``p``, and attention masks by the position each cell
+holds. Prompts are evaluated ``UBATCH`` tokens at a time.
+
+On CUDA one decode step (one token through every device layer) is captured as a CUDA
+graph per attention-length bucket and replayed: small models are not bound by launches.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from ggforge.runtime.gpu import ops
+from ggforge.runtime.layers import rope_cache
+
+UBATCH = 512          # prompt tokens per pass (bounds attention scratch and the SWA ring)
+
+
+def _rms_norm(x: torch.Tensor, w: torch.Tensor | None, eps: float) -> torch.Tensor:
+    mean = ((x.double() * x.double()).sum(-1, keepdim=True) / x.shape[-1]).float()
+    y = x * (1.0 / torch.sqrt(mean + eps))
+    return y if w is None else y * w
+
+
+def _silu(x: torch.Tensor) -> torch.Tensor:
+    return x / (1.0 + torch.exp(-x))
+
+
+def _gelu(x: torch.Tensor) -> torch.Tensor:
+    xf = x.half().float()
+    g = 0.5 * xf * (1.0 + torch.tanh(0.7978845608028654 * xf * (1.0 + 0.044715 * xf * xf)))
+    y = g.half().float()
+    y = torch.where(x <= -10.0, torch.zeros_like(y), y)
+    return torch.where(x >= 10.0, x, y)
+
+
+_ACT = {"silu": _silu, "gelu": _gelu}
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mode: str) -> torch.Tensor:
+    """x (n, heads, d); cos/sin (n, n_rot/2)."""
+    n_rot = cos.shape[1] * 2
+    c, s = cos[:, None, :], sin[:, None, :]
+    out = x.clone()
+    if mode == "norm":
+        x0, x1 = x[..., 0:n_rot:2], x[..., 1:n_rot:2]
+        out[..., 0:n_rot:2] = x0 * c - x1 * s
+        out[..., 1:n_rot:2] = x0 * s + x1 * c
+    else:
+        h = n_rot // 2
+        x0, x1 = x[..., :h], x[..., h:n_rot]
+        out[..., :h] = x0 * c - x1 * s
+        out[..., h:n_rot] = x0 * s + x1 * c
+    return out
+
+
+def _attn_block(qkv, pos, cos_t, sin_t, kc, vc, pc, bq, bk, bv, q_norm, k_norm,
+                n_head: int, n_head_kv: int, d: int, dv: int, eps: float, rope: str,
+                q_scale_on_q: bool, attn_scale: float, window: int, size: int, m: int):
+    """From the fused q|k|v product to the attention output: biases, q/k norms, rope, the
+    cache write (cell pos % size), attention over the first m cells."""
+    n = qkv.shape[0]
+    q, k, v = qkv.split([n_head * d, n_head_kv * d, n_head_kv * dv], dim=1)
+    if bq is not None:
+        q, k, v = q + bq, k + bk, v + bv
+    q = q.reshape(n, n_head, d)
+    k = k.reshape(n, n_head_kv, d)
+    v = v.reshape(n, n_head_kv, dv)
+    if q_norm is not None:
+        q, k = _rms_norm(q, q_norm, eps), _rms_norm(k, k_norm, eps)
+    cos, sin = cos_t.index_select(0, pos), sin_t.index_select(0, pos)
+    q = _rope(q, cos, sin, rope)
+    k = _rope(k, cos, sin, rope)
+    scale = attn_scale
+    if q_scale_on_q:
+        q, scale = q * attn_scale, 1.0
+    slots = pos % size
+    kc.index_copy_(0, slots, k)
+    vc.index_copy_(0, slots, v)
+    pc.index_copy_(0, slots, pos)
+    return _attention(q, kc[:m], vc[:m], pc[:m], pos, scale, window)
+
+
+def _attention(q, keys, values, kv_pos, q_pos, scale: float, window: int) -> torch.Tensor:
+    n, n_head, _ = q.shape
+    n_kv, n_head_kv, dv = values.shape
+    g = n_head // n_head_kv
+    masked = (kv_pos[None, :] > q_pos[:, None]) | (kv_pos[None, :] < 0)
+    if window:
+        masked |= (q_pos[:, None] - kv_pos[None, :]) >= window
+    qh = q.reshape(n, n_head_kv, g, -1).permute(1, 2, 0, 3)          # (kv_h, g, n, d)
+    kh = keys.permute(1, 2, 0)[:, None]                               # (kv_h, 1, d, n_kv)
+    scores = torch.matmul(qh, kh) * scale
+    scores = scores.masked_fill(masked, float("-inf"))
+    scores = scores - scores.amax(-1, keepdim=True)
+    p = torch.exp(scores)
+    p = p / p.sum(-1, keepdim=True, dtype=torch.float64).float()
+    out = torch.matmul(p, values.permute(1, 0, 2)[:, None])           # (kv_h, g, n, dv)
+    return out.permute(2, 0, 1, 3).reshape(n, n_head * dv)
+
+
+def _mid(x, o, post_attn_norm, ffn_norm, eps: float):
+    """Residual after attention, and the FFN input."""
+    if post_attn_norm is not None:
+        o = _rms_norm(o, post_attn_norm, eps)
+    x = x + o
+    return x, _rms_norm(x, ffn_norm, eps)
+
+
+def _act(gu, n_ff: int, act: str):
+    return _ACT[act](gu[:, :n_ff]) * gu[:, n_ff:]
+
+
+def _end(x, f, post_ffn_norm, eps: float):
+    if post_ffn_norm is not None:
+        f = _rms_norm(f, post_ffn_norm, eps)
+    return x + f
+
+
+EAGER = {"norm": _rms_norm, "attn": _attn_block, "mid": _mid, "act": _act, "end": _end}
+
+
+def compiled_glue() -> dict:
+    """The element-wise glue between matrix products, fused by torch.compile (CUDA only):
+    one decode step is then a few kernels a layer instead of dozens."""
+    return {k: torch.compile(fn, dynamic=False, fullgraph=True) for k, fn in EAGER.items()}
+
+
+class GpuCache:
+    """Keys, values and the position held by each cell, for the device layers."""
+
+    def __init__(self, sizes: list[int], n_head_kv: int, head_dim: int, head_dim_v: int,
+                 windows: list[int], device: torch.device):
+        self.sizes, self.windows = sizes, windows
+        self.k = [torch.zeros((n, n_head_kv, head_dim), dtype=torch.float32, device=device) for n in sizes]
+        self.v = [torch.zeros((n, n_head_kv, head_dim_v), dtype=torch.float32, device=device) for n in sizes]
+        self.pos = [torch.full((n,), -1, dtype=torch.int64, device=device) for n in sizes]
+        self.hi = 0           # one past the highest position written
+        self.graphs: dict[int, tuple] = {}   # decode graphs by attention length (CUDA)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * 4 for t in self.k + self.v)
+
+    def reusable(self, n: int) -> int:
+        """How many leading positions (<= n) can be kept: a sliding-window ring may no
+        longer hold the window before position n."""
+        for size, window in zip(self.sizes, self.windows):
+            if window and n > 0 and max(0, n - window + 1) < self.hi - size:
+                return 0
+        return n
+
+    def truncate(self, n: int) -> None:
+        for p in self.pos:
+            p.masked_fill_(p >= n, -1)
+        self.hi = min(self.hi, n)
+
+
+class GpuLayers:
+    """Layers ``first..n_layer-1`` of ``model`` (and the output head if ``head``)."""
+
+    def __init__(self, model, first: int, head: bool, device: torch.device | str):
+        self.device = torch.device(device)
+        self.model, self.first, self.head = model, first, head
+        c = self.config = model.config
+        dev = self.device
+
+        def vec(a):
+            return None if a is None else torch.from_numpy(np.array(a, np.float32)).to(dev)
+
+        self.layers = []
+        for il in range(first, c.n_layer):
+            L = model.layers[il]
+            self.layers.append({
+                "qkv": ops.GWeight.upload_group([L.wq, L.wk, L.wv], dev),
+                "wo": ops.GWeight.upload(L.wo, dev),
+                "gate_up": ops.GWeight.upload_group([L.gate, L.up], dev),
+                "down": ops.GWeight.upload(L.down, dev),
+                **{k: vec(getattr(L, k)) for k in (
+                    "attn_norm", "ffn_norm", "bq", "bk", "bv", "q_norm", "k_norm",
+                    "post_attn_norm", "post_ffn_norm")},
+            })
+        if head:
+            self.output = ops.GWeight.upload(model.output, dev)
+            self.output_norm = vec(model.output_norm)
+        self._ropes: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.use_graphs = self.device.type == "cuda"
+        self._fn = EAGER
+        self._compiled = None   # compiled_glue(), made at the first decode graph
+
+    @property
+    def nbytes(self) -> int:
+        total = sum(w.nbytes for L in self.layers for v in L.values()
+                    for w in (v if isinstance(v, list) else [v]) if isinstance(w, ops.GWeight))
+        return total + (self.output.nbytes if self.head else 0)
+
+    # -- cache and rope tables --------------------------------------------------------
+    def new_cache(self, n_ctx: int) -> GpuCache:
+        c = self.config
+        sizes, windows = [], []
+        for il in range(self.first, c.n_layer):
+            swa = c.is_swa(il)
+            sizes.append(min(n_ctx, c.sliding_window + UBATCH) if swa else n_ctx)
+            windows.append(c.sliding_window if swa else 0)
+        self._rope_tables(n_ctx)
+        return GpuCache(sizes, c.n_head_kv, c.head_dim, c.head_dim_v, windows, self.device)
+
+    def _rope_tables(self, n_ctx: int) -> None:
+        """cos/sin for positions 0..n_ctx-1 per rope kind, computed as the CPU does."""
+        c = self.config
+        pos = np.arange(n_ctx)
+        for swa in {c.is_swa(il) for il in range(self.first, c.n_layer)}:
+            have = self._ropes.get(swa)
+            if have is not None and have[0].shape[0] >= n_ctx:
+                continue
+            base, scale = (c.rope_base_swa, 1.0) if swa else (c.rope_base, c.rope_scale)
+            cos, sin = rope_cache(pos, c.n_rot, base, scale, self.model.rope_freqs)
+            self._ropes[swa] = (torch.from_numpy(cos).to(self.device),
+                                torch.from_numpy(sin).to(self.device))
+
+    # -- forward ----------------------------------------------------------------------
+    def forward(self, x: np.ndarray, p0: int, cache: GpuCache, all_logits: bool) -> np.ndarray:
+        """Hidden states x (n, n_embd) at positions p0.. -> hidden states, or logits when
+        this holds the head ((n, n_vocab) with all_logits, else (1, n_vocab))."""
+        n = x.shape[0]
+        outs = []
+        for s in range(0, n, UBATCH):
+            xs = x[s:s + UBATCH]
+            last = s + UBATCH >= n
+            if xs.shape[0] == 1 and self.use_graphs:
+                y = self._decode_graph(xs, p0 + s, cache)
+            else:
+                pos = torch.arange(p0 + s, p0 + s + xs.shape[0], device=self.device)
+                xt = torch.from_numpy(np.ascontiguousarray(xs, np.float32)).to(self.device)
+                y = self._run(xt, pos, cache, p0 + s + xs.shape[0], all_logits or not last)
+            outs.append(y)
+            cache.hi = max(cache.hi, p0 + s + xs.shape[0])
+        y = torch.cat(outs) if len(outs) > 1 else outs[0]
+        if self.head and not all_logits:
+            y = y[-1:]
+        return y.cpu().numpy()
+
+    def _run(self, x: torch.Tensor, pos: torch.Tensor, cache: GpuCache, n_attn: int,
+             all_rows: bool) -> torch.Tensor:
+        """The device layers for x at positions pos; attention reads the first n_attn
+        cells of the full-context layers (> the last position)."""
+        for i, L in enumerate(self.layers):
+            x = self._layer(self.first + i, L, x, pos, cache, i, n_attn)
+        if not self.head:
+            return x
+        if not all_rows:
+            x = x[-1:]
+        c = self.config
+        logits = ops.matmul(_rms_norm(x, self.output_norm, c.eps), self.output)
+        if c.final_softcap:
+            logits = torch.tanh(logits * (1.0 / c.final_softcap)) * c.final_softcap
+        return logits
+
+    def _layer(self, il: int, L: dict, x: torch.Tensor, pos: torch.Tensor, cache: GpuCache,
+               i: int, n_attn: int) -> torch.Tensor:
+        c, f = self.config, self._fn
+        h = f["norm"](x, L["attn_norm"], c.eps)
+        qkv = ops.matmul_group(h, L["qkv"])
+        size, window = cache.sizes[i], cache.windows[i]
+        cos_t, sin_t = self._ropes[c.is_swa(il)]
+        a = f["attn"](qkv, pos, cos_t, sin_t, cache.k[i], cache.v[i], cache.pos[i],
+                      L["bq"], L["bk"], L["bv"], L["q_norm"], L["k_norm"],
+                      c.n_head, c.n_head_kv, c.head_dim, c.head_dim_v, c.eps, c.traits.rope,
+                      c.traits.q_scale_on_q, c.attn_scale, window, size,
+                      size if window else min(size, n_attn))
+        o = ops.matmul(a, L["wo"])
+        x, h = f["mid"](x, o, L["post_attn_norm"], L["ffn_norm"], c.eps)
+        g = f["act"](ops.matmul_group(h, L["gate_up"]), c.n_ff, c.traits.act)
+        return f["end"](x, ops.matmul(g, L["down"]), L["post_ffn_norm"], c.eps)
+
+    # -- CUDA graphs for decode ---------------------------------------------------------
+    def _decode_graph(self, x: np.ndarray, p: int, cache: GpuCache) -> torch.Tensor:
+        """One token through the device layers by replaying a CUDA graph captured once per
+        cache (attention spans every cell of the cache, masked by position)."""
+        n_attn = max(cache.sizes)
+        entry = cache.graphs.get(n_attn)
+        if entry is None:
+            if self._compiled is None:
+                self._compiled = compiled_glue() if os.environ.get("GGFORGE_GPU_COMPILE", "1") != "0" else EAGER
+            self._fn = self._compiled
+            try:
+                entry = self._capture(x, p, cache, n_attn)
+            finally:
+                self._fn = EAGER
+        graph, x_in, pos_in, out = entry
+        x_in.copy_(torch.from_numpy(np.ascontiguousarray(x, np.float32)))
+        pos_in.fill_(p)
+        graph.replay()
+        return out
+
+    def _capture(self, x: np.ndarray, p: int, cache: GpuCache, n_attn: int) -> tuple:
+        """Warm up (compiles kernels) on a side stream, then capture one decode step."""
+        if True:  # noqa: SIM108 (keeps the capture block together)
+            x_in = torch.zeros((1, self.config.n_embd), dtype=torch.float32, device=self.device)
+            pos_in = torch.zeros((1,), dtype=torch.int64, device=self.device)
+            x_in.copy_(torch.from_numpy(np.ascontiguousarray(x, np.float32)))
+            pos_in.fill_(p)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up: compile kernels outside the capture
+                self._run(x_in, pos_in, cache, n_attn, True)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = self._run(x_in, pos_in, cache, n_attn, True)
+            entry = cache.graphs[n_attn] = (graph, x_in, pos_in, out)
+        return entry

@@ -1,0 +1,155 @@
+"""Weights on a torch device, still quantized, and the products that read them.
+
+    gw = GWeight.upload(qweight, device)     # the GGUF block bytes, copied as they are
+    y = matmul(x, gw)                        # x (n_tokens, n_in) float32 -> (n_tokens, n_out)
+    e = get_rows(gw, ids)                    # embedding rows as float32
+
+A few tokens take the matrix-vector kernel (decode), more take the tiled matrix-matrix
+kernel (prefill); both dequantize inside the kernel (triton_kernels.py).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as T
+
+from ggforge.formats.quants.k_common import KVALUES_IQ4NL
+from ggforge.runtime.kernels import QWeight, vec_dot_type
+
+if not torch.cuda.is_available():  # the CPU runs the same kernels in Triton's interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import triton  # noqa: E402
+
+from ggforge.runtime.gpu import triton_kernels as K  # noqa: E402
+
+ACT = K.ACT_CODES
+FLOATS = {int(T.F32): torch.float32, int(T.F16): torch.float16, int(T.BF16): torch.bfloat16}
+DECODE_MAX_TOKENS = 8      # up to this many tokens the matrix-vector kernel runs
+# Triton's interpreter pays per program: give it few, large tiles
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_TABLES: dict[torch.device, torch.Tensor] = {}
+
+
+def _table(device: torch.device) -> torch.Tensor:
+    """The IQ4_NL/IQ4_XS levels as float32 on the device."""
+    t = _TABLES.get(device)
+    if t is None:
+        t = _TABLES[device] = torch.tensor(KVALUES_IQ4NL.astype(np.float32), device=device)
+    return t
+
+
+@dataclass
+class GWeight:
+    """A 2-D ggml weight on a device: ``data`` holds its rows, block bytes unchanged."""
+
+    data: torch.Tensor          # uint8 (n_out, row_bytes), or (n_out, n_in) F32/F16/BF16
+    ggml_type: int
+    n_in: int
+    n_out: int
+    act: int                    # activation rounding code (vec_dot_type)
+    bk: int                     # columns per kernel step: a multiple of the block size
+    planes: tuple | None = None  # Q8_0: (quants int8 (n_out, n_in), scales fp16 (n_out, n_in/32))
+
+    @classmethod
+    def upload(cls, w: QWeight, device: torch.device | str) -> "GWeight":
+        t = int(w.ggml_type)
+        if t == int(T.Q8_0) and w.n_in % 128 == 0:   # same bytes, regrouped (triton_kernels.py)
+            blocks = np.asarray(w.raw).reshape(w.n_out, w.n_in // 32, 34)
+            qs = torch.from_numpy(np.ascontiguousarray(blocks[:, :, 2:]).view(np.int8).reshape(w.n_out, w.n_in))
+            ds = torch.from_numpy(np.ascontiguousarray(blocks[:, :, :2]).view(np.float16).reshape(w.n_out, -1))
+            planes = (qs.to(device), ds.to(device))
+            bk = 512 if w.n_in % 512 == 0 else 256 if w.n_in % 256 == 0 else 128
+            return cls(planes[0], t, w.n_in, w.n_out, ACT["q8_0"], bk, planes)
+        data = torch.from_numpy(np.array(w.raw, copy=True)).to(device)
+        if t in FLOATS:
+            data = data.view(FLOATS[t]).reshape(w.n_out, w.n_in)
+            bk = 128
+        else:
+            qk = 256 if vec_dot_type(t) == "q8_K" else 32
+            bk = next(b for b in (256, 128, 64, 32) if b % qk == 0 and w.n_in % b == 0)
+        return cls(data, t, w.n_in, w.n_out, ACT[vec_dot_type(t)], bk)
+
+    @classmethod
+    def upload_group(cls, ws: list[QWeight], device) -> list["GWeight"]:
+        """Weights that read the same input (q|k|v, gate|up): one weight with their rows
+        stacked when they share a type (one kernel launch), else one each."""
+        if len({int(w.ggml_type) for w in ws}) != 1 or len({w.n_in for w in ws}) != 1:
+            return [cls.upload(w, device) for w in ws]
+        rows = QWeight(np.concatenate([w.raw for w in ws]), ws[0].ggml_type, ws[0].n_in,
+                       sum(w.n_out for w in ws))
+        return [cls.upload(rows, device)]
+
+    @property
+    def nbytes(self) -> int:
+        parts = self.planes if self.planes is not None else (self.data,)
+        return sum(p.numel() * p.element_size() for p in parts)
+
+    @property
+    def row_stride(self) -> int:
+        return self.data.shape[1]
+
+
+def matmul(x: torch.Tensor, w: GWeight, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W.T`` for float32 x (n_tokens, n_in) on the weight's device."""
+    n_tok = x.shape[0]
+    x = x.contiguous()
+    if out is None:
+        out = torch.empty((n_tok, w.n_out), dtype=torch.float32, device=x.device)
+    tab = _table(x.device)
+    if w.planes is not None:
+        return _matmul_q8_0(x, w, out)
+    if n_tok <= DECODE_MAX_TOKENS:
+        # tile sweep on an H100 (scripts/device/gemv_sweep.py, Q8_0 1.1B): 2 rows x 512
+        # columns, 2 warps was fastest for q|k|v, ffn_down and the output head alike
+        bm, nw = (128, 4) if INTERPRET else (2, 2)
+        bk = 512 if w.n_in % 512 == 0 and 512 % w.bk == 0 else w.bk
+        grid = (triton.cdiv(w.n_out, bm), n_tok)
+        K._gemv[grid](w.data, x, out, tab, w.n_out, w.n_in, w.row_stride,
+                      TYPE=w.ggml_type, ACT=w.act, BM=bm, BK=bk, num_warps=nw)
+    else:
+        bt, bm = (64, 128) if INTERPRET else (32, 32)
+        bk = min(w.bk, 128) if w.act != ACT["q8_K"] else 256
+        grid = (triton.cdiv(w.n_out, bm), triton.cdiv(n_tok, bt))
+        K._gemm[grid](w.data, x, out, tab, n_tok, w.n_out, w.n_in, w.row_stride,
+                      TYPE=w.ggml_type, ACT=w.act, BT=bt, BM=bm, BK=bk, num_warps=4)
+    return out
+
+
+def _matmul_q8_0(x: torch.Tensor, w: GWeight, out: torch.Tensor) -> torch.Tensor:
+    q, d = w.planes
+    n_tok = x.shape[0]
+    if n_tok <= DECODE_MAX_TOKENS:
+        bm, nw = (128, 4) if INTERPRET else (2, 2)
+        K._gemv_q8_0[(triton.cdiv(w.n_out, bm), n_tok)](q, d, x, out, w.n_out, w.n_in, ACT=w.act,
+                                                          BM=bm, BK=w.bk, num_warps=nw)
+    else:
+        bt, bm = (64, 128) if INTERPRET else (32, 32)
+        grid = (triton.cdiv(w.n_out, bm), triton.cdiv(n_tok, bt))
+        K._gemm_q8_0[grid](q, d, x, out, n_tok, w.n_out, w.n_in, ACT=w.act, BT=bt, BM=bm,
+                           BK=128, num_warps=4)
+    return out
+
+
+def matmul_group(x: torch.Tensor, ws: list[GWeight]) -> torch.Tensor:
+    """The products of x with each weight of a group, side by side."""
+    if len(ws) == 1:
+        return matmul(x, ws[0])
+    return torch.cat([matmul(x, w) for w in ws], dim=1)
+
+
+def get_rows(w: GWeight, ids: torch.Tensor) -> torch.Tensor:
+    """Rows ``ids`` (int64 on the device) of ``w`` as float32 (len(ids), n_in)."""
+    if w.planes is not None:
+        q, d = w.planes
+        return (q[ids].float().reshape(len(ids), -1, 32) * d[ids].float()[:, :, None]).reshape(len(ids), -1)
+    out = torch.empty((ids.shape[0], w.n_in), dtype=torch.float32, device=ids.device)
+    bk = w.bk
+    grid = (ids.shape[0], triton.cdiv(w.n_in, bk))
+    K._dequant_rows[grid](w.data, ids, out, _table(ids.device), w.n_in, w.row_stride,
+                          TYPE=w.ggml_type, BK=bk)
+    return out
+

@@ -1,0 +1,40 @@
+#!/bin/bash
+# GPU checks and benchmarks on a lent CUDA machine (bare image: torch, Triton, numba there).
+#   bash scripts/device/gpu_session.sh STEP...    steps: setup build tests big bench gemma
+# .dev/ (git-ignored) carries the gguf wheel, llama.cpp's trimmed source (lcpp.tar.xz) and
+# model pieces; results go to $OUT.
+set -u
+export PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT" /tmp/pkg && ln -sfn "$PWD" /tmp/pkg/ggforge
+export PYTHONPATH=/tmp/site:/tmp/pkg
+LB=/tmp/lc/llama.cpp/build/bin/llama-bench
+BIG=/tmp/big/big-q8_0.gguf
+for step in "$@"; do case $step in
+setup)
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .dev/*.whl 2>&1 | tail -1
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  python3 -c "import torch, triton, numba, numpy; print('torch', torch.__version__, 'triton', triton.__version__, 'numba', numba.__version__, 'numpy', numpy.__version__)" ;;
+build)   # llama.cpp with CUDA, in the background (setsid: outlives this command)
+  mkdir -p /tmp/lc && tar xJf .dev/lcpp.tar.xz -C /tmp/lc
+  (cd /tmp/lc/llama.cpp && setsid nohup bash -c "cmake -B build -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
+     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF \
+     -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DGGML_NATIVE=ON && cmake --build build --target llama-bench -j 12" \
+     > /tmp/lc/build.log 2>&1 < /dev/null &) ;;
+tests)
+  python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
+big)     # a generated 1.1B-parameter llama (TinyLlama shape), Q8_0: 1.17 GB
+  python3 - <<'PY'
+import sys; sys.path.insert(0, "tests")
+from pathlib import Path
+from test_streaming import SHAPE, write_bf16_checkpoint
+write_bf16_checkpoint(Path("/tmp/big/src"), SHAPE)
+PY
+  python3 -m ggforge.tools quantize /tmp/big/src q8_0 -o $BIG --no-progress 2>&1 | tail -2 ;;
+bench)   # bench MODEL: ggforge at 0, half, all layers (+ llama-bench when built)
+  M=${BENCH_MODEL:-$BIG}
+  [ -x $LB ] || { echo "llama-bench not built yet:"; tail -3 /tmp/lc/build.log; }
+  python3 -m ggforge.tools bench $M -p 512 -n 128 -r 3 -ngl ${NGL:-0,half,all} \
+     $([ -x $LB ] && echo --llama-bench $LB) 2>&1 | tee -a "$OUT/bench.log" | tail -8 ;;
+waitbuild)
+  for i in $(seq 1 ${WAIT:-60}); do [ -x $LB ] && break; sleep 5; done; tail -2 /tmp/lc/build.log ;;
+esac; done

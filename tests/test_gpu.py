@@ -1,0 +1,248 @@
+"""GPU offload: the Triton kernels, the device layers and the plan.
+
+Without CUDA the kernels run in Triton's interpreter on the CPU (tests/conftest.py sets
+TRITON_INTERPRET), so every type and the whole offloaded forward pass are checked on CI;
+tests marked ``gpu`` need CUDA (CUDA graphs, speed) and skip without it.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from gguf import GGMLQuantizationType as T
+
+from ggforge.convert.pipeline import convert
+from ggforge.formats.gguf_reader import GGUFFile
+from ggforge.formats.quants import get_type, quantize
+from ggforge.runtime import placement
+from ggforge.runtime.config import ModelConfig
+from ggforge.runtime.generate import load
+from ggforge.runtime.kernels import QWeight
+from ggforge.runtime.kernels import get_rows as cpu_get_rows
+from ggforge.runtime.kernels import matmul as cpu_matmul
+from ggforge.runtime.sampling import SamplerSettings
+from ggforge.tools.cli import cli
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton")
+from ggforge.runtime.gpu import backend, ops  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+GREEDY = SamplerSettings(temperature=0.0, repeat_last_n=0)
+gpu_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+
+TYPES = [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.IQ4_NL,
+         T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_XS]
+
+
+def _weight(t, n_out, n_in, rng):
+    w = rng.standard_normal((n_out, n_in)).astype(np.float32)
+    w[0, :7] *= 30.0                                   # an outlier-heavy row
+    raw = quantize(w, get_type(int(t))).reshape(n_out, -1)
+    return QWeight(np.ascontiguousarray(raw), int(t), n_in, n_out)
+
+
+@pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
+def test_matmul_equals_cpu_kernels(t):
+    """The fused dequantize-and-multiply kernels compute what the CPU kernels compute
+    (same activation rounding), for decode (few tokens) and prefill (many)."""
+    rng = np.random.default_rng(int(t))
+    n_in = 512 if t not in (T.F32, T.F16, T.BF16) else 200    # ragged rows for floats
+    qw = _weight(t, 40, n_in, rng)
+    gw = ops.GWeight.upload(qw, DEVICE)
+    # Q4_1/Q5_1: llama.cpp adds min * fp16(d * sum(q)) per block; we fold the fp16 rounding
+    # of d in instead (a 5e-4 difference)
+    bound = 2e-3 if t in (T.Q4_1, T.Q5_1) else 2e-6
+    for n in (1, 3, 40):
+        x = rng.standard_normal((n, n_in)).astype(np.float32)
+        ref = cpu_matmul(x, qw)
+        got = ops.matmul(torch.from_numpy(x).to(DEVICE), gw).cpu().numpy()
+        err = np.abs(got - ref).max() / np.abs(ref).max()
+        assert err < bound, f"{t.name} n={n}: {err:.3g}"
+    ids = np.array([5, 0, 39, 5])
+    rows = ops.get_rows(gw, torch.from_numpy(ids).to(DEVICE)).cpu().numpy()
+    assert np.array_equal(rows, cpu_get_rows(qw, ids))
+
+
+def test_q8_0_planes_and_byte_path_agree():
+    """Q8_0 rows of a multiple of 128 go to the planar kernels (quants and scales regrouped
+    at upload, same bytes); others read the blocks as stored. Both equal the CPU."""
+    rng = np.random.default_rng(3)
+    for n_in, planar in ((256, True), (96, False)):
+        qw = _weight(T.Q8_0, 24, n_in, rng)
+        gw = ops.GWeight.upload(qw, DEVICE)
+        assert (gw.planes is not None) == planar and gw.nbytes == qw.raw.nbytes
+        for n in (1, 20):
+            x = rng.standard_normal((n, n_in)).astype(np.float32)
+            ref = cpu_matmul(x, qw)
+            got = ops.matmul(torch.from_numpy(x).to(DEVICE), gw).cpu().numpy()
+            assert np.abs(got - ref).max() / np.abs(ref).max() < 2e-6
+        ids = np.array([1, 23])
+        got = ops.get_rows(gw, torch.from_numpy(ids).to(DEVICE)).cpu().numpy()
+        assert np.array_equal(got, cpu_get_rows(qw, ids))
+
+
+def test_grouped_weights_are_one_launch_and_equal():
+    rng = np.random.default_rng(1)
+    a, b = _weight(T.Q4_K, 24, 256, rng), _weight(T.Q4_K, 8, 256, rng)
+    group = ops.GWeight.upload_group([a, b], DEVICE)
+    assert len(group) == 1 and group[0].n_out == 32
+    mixed = ops.GWeight.upload_group([a, _weight(T.Q6_K, 8, 256, rng)], DEVICE)
+    assert len(mixed) == 2
+    x = rng.standard_normal((2, 256)).astype(np.float32)
+    got = ops.matmul_group(torch.from_numpy(x).to(DEVICE), group).cpu().numpy()
+    ref = np.concatenate([cpu_matmul(x, a), cpu_matmul(x, b)], axis=1)
+    assert np.abs(got - ref).max() / np.abs(ref).max() < 2e-6
+
+
+@pytest.fixture(scope="module")
+def q4km(tiny_model, tmp_path_factory):
+    files = {}
+
+    def get(arch):
+        if arch not in files:
+            out = tmp_path_factory.mktemp(f"gpu-{arch}") / "m.gguf"
+            files[arch] = convert(tiny_model(arch), "Q4_K_M", out).output
+        return files[arch]
+    return get
+
+
+PROMPT = "Once upon a time, there was a tiny model that 42 people liked."
+
+
+@pytest.mark.parametrize("arch,where", [
+    ("llama3", "half"), ("qwen2", "all"),
+    # gemma3's device layers are also checked, faster, by the ring test below
+    pytest.param("gemma3", "half", marks=pytest.mark.slow)])
+def test_offloaded_layers_follow_the_cpu_backend(q4km, arch, where):
+    """Logits and a greedy continuation with layers on the device equal the CPU run
+    (qwen2: biases and a tied head; gemma3: a sliding and a global layer on the device,
+    rings, extra norms, GELU)."""
+    path = q4km(arch)
+    with load(path) as m:
+        ids = m.tokenize(PROMPT)
+        ref = m.eval(ids)
+        ref_tokens = list(m.generate_tokens(ids, max_tokens=6, settings=GREEDY))
+        n_layer = m.model.config.n_layer
+    ngl = n_layer // 2 if where == "half" else "all"
+    with load(path, gpu_layers=ngl, device=DEVICE) as m:
+        assert m.model.n_cpu_layers == (n_layer - n_layer // 2 if where == "half" else 0)
+        assert m.model.gpu.layers and len(m.model.gpu.layers) == n_layer - m.model.n_cpu_layers
+        assert m.model.gpu.head == (where == "all")
+        got = m.eval(ids)
+        tokens = list(m.generate_tokens(ids, max_tokens=6, settings=GREEDY))
+    err = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
+    assert err < 2e-2, err
+    assert tokens == ref_tokens
+
+
+def test_sliding_window_ring_and_prefix_reuse(q4km, monkeypatch):
+    """A small batch size makes the sliding-window layers' ring wrap during the prompt; the
+    result still equals the CPU's, and a prompt that extends the last one reuses the cache
+    only when the ring still holds the window it needs."""
+    monkeypatch.setattr(backend, "UBATCH", 4)
+    path = q4km("gemma3")
+    with load(path) as m:
+        ids = m.tokenize(PROMPT)
+        ref = m.eval(ids)
+    with load(path, gpu_layers=2, device=DEVICE) as m:        # layers 4 (sliding) and 5 (global)
+        c = m.model.config
+        assert c.is_swa(c.n_layer - 2) and not c.is_swa(c.n_layer - 1)
+        cache = m.model.new_cache(64)
+        sizes = cache.gpu.sizes
+        assert min(sizes) == c.sliding_window + 4 < len(ids)     # rings smaller than the prompt
+        logits = m.model.forward(np.asarray(ids), cache, all_logits=True)
+        assert np.linalg.norm(logits - ref) / np.linalg.norm(ref) < 2e-2
+        n = len(ids)
+        assert cache.reusable(n) == n                     # the ring holds the last window
+        assert cache.reusable(n - 2) == n - 2
+        assert cache.reusable(3) == 0                     # position 3's window is overwritten
+
+
+def test_plan_counts_layers_as_llama_cpp(q4km):
+    with GGUFFile.open(q4km("gemma3")) as g:
+        c = ModelConfig.from_gguf(g)
+        for n, first, head in [(0, c.n_layer, False), (2, c.n_layer - 2, False),
+                               (c.n_layer, 0, False), (c.n_layer + 1, 0, True), (99, 0, True)]:
+            p = placement.make_plan(g, c, 128, n)
+            assert p.first_gpu_layer == first and p.head_on_gpu == head
+            assert [L.device for L in p.layers] == ["cpu"] * first + ["gpu"] * (c.n_layer - first) \
+                or n == 0 and all(L.device == "cpu" for L in p.layers)
+        p = placement.make_plan(g, c, 128, "all")
+        assert p.gpu_layers == c.n_layer + 1
+        # the KV formula: cells x kv heads x (dk + dv) x 4 bytes; sliding layers hold a ring
+        per_cell = c.n_head_kv * (c.head_dim + c.head_dim_v) * 4
+        swa = [c.is_swa(i) for i in range(c.n_layer)]
+        ring = min(128, c.sliding_window + placement.UBATCH)
+        assert p.gpu_kv == sum((ring if s else 128) * per_cell for s in swa)
+        weights = sum(int(t.nbytes) for name, t in g.tensors.items() if name.startswith("blk."))
+        head = int(g.tensors["output_norm.weight"].nbytes) + int(g.tensors["token_embd.weight"].nbytes)
+        assert p.gpu_weights == weights + head                  # tied head: a copy of token_embd
+
+
+def test_auto_takes_the_most_layers_that_fit_and_all_fails_with_numbers(q4km):
+    with GGUFFile.open(q4km("llama3")) as g:
+        c = ModelConfig.from_gguf(g)
+        full = placement.make_plan(g, c, 256, "all")
+        two = placement.make_plan(g, c, 256, 2)
+        free = two.gpu_total + 1
+        auto = placement.make_plan(g, c, 256, "auto", device_free=free)
+        assert auto.gpu_layers == 2 and auto.fits
+        tight = placement.make_plan(g, c, 256, "all", device_free=free)
+        assert not tight.fits and full.gpu_total > free
+        with pytest.raises(placement.PlanError, match="does not fit.*weights"):
+            placement.check_fits(tight)
+        assert placement.make_plan(g, c, 256, "auto", device_free=1000).gpu_layers == 0
+
+
+def test_parse_gpu_layers_and_memory():
+    assert placement.parse_gpu_layers("all") == "all" and placement.parse_gpu_layers("7") == 7
+    assert placement.parse_bytes("6GiB") == 6 << 30 and placement.parse_bytes("512MiB") == 512 << 20
+    assert placement.parse_bytes("2GB") == 2 * 10**9
+    for bad in ("-1", "lots"):
+        with pytest.raises(ValueError):
+            placement.parse_gpu_layers(bad)
+    with pytest.raises(ValueError):
+        placement.parse_bytes("six gigs")
+
+
+def test_inspect_plan_prints_the_arithmetic(q4km):
+    path = q4km("gemma3")
+    r = CliRunner().invoke(cli, ["inspect", str(path), "--plan", "-c", "256", "--gpu-memory", "8GiB"])
+    assert r.exit_code == 0, r.output
+    assert "sliding-window layers x min(256," in r.output and "fits" in r.output
+    assert "blk.0" in r.output and "output" in r.output
+    r = CliRunner().invoke(cli, ["inspect", str(path), "--plan", "-ngl", "all", "--gpu-memory", "1MiB"])
+    assert r.exit_code == 1 and "NO" in r.output
+
+
+def test_run_with_gpu_layers_that_do_not_fit_fails_before_loading(q4km):
+    r = CliRunner().invoke(cli, ["run", str(q4km("llama3")), "-p", "hi", "-ngl", "all",
+                                 "--gpu-memory", "1MiB"])
+    if not CUDA:   # no device: says so, in one line
+        assert r.exit_code == 1 and r.output.startswith("error:") and "CUDA" in r.output
+    else:
+        assert r.exit_code == 1 and "does not fit" in r.output
+
+
+def test_gpu_layers_without_torch_says_how_to_install(q4km, monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "triton", None)
+    r = CliRunner().invoke(cli, ["run", str(q4km("llama3")), "-p", "hi", "-ngl", "2"])
+    assert r.exit_code == 1
+    assert "pip install 'ggforge[gpu]'" in r.output and len(r.output.strip().splitlines()) == 1
+
+
+@gpu_only
+def test_decode_graph_equals_eager(q4km):
+    """One token at a time through the captured CUDA graph follows one batched pass.
+    (Random tiny models: a last-bit difference can flip an activation rounding, so the
+    bound is the one the offload test uses.)"""
+    path = q4km("llama3")
+    with load(path, gpu_layers="all") as m:
+        ids = m.tokenize(PROMPT)
+        eager = m.eval(ids)                                  # one batched pass, no graph
+        cache = m.model.new_cache(64)
+        steps = np.concatenate([m.model.forward(np.asarray([t]), cache) for t in ids])
+    assert np.linalg.norm(steps - eager) / np.linalg.norm(eager) < 2e-2
