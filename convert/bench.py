@@ -5,6 +5,11 @@ ggforge converts the safetensors checkpoint in one step; llama.cpp's quantizer
 from our F32 GGUF of the same checkpoint, as llama.cpp users do after its converter.
 Each measurement is repeated and the median kept; parameters per second count every
 tensor of the model.
+
+The two tools take turns (ggforge, llama.cpp, ggforge, ...), so that a change in the
+load of a shared machine falls on both, and every run starts with its output file
+deleted (llama.cpp would truncate a previous one, ggforge would keep it until the new
+one is complete, which needs the memory of both).
 """
 from __future__ import annotations
 
@@ -40,13 +45,12 @@ class QuantizeTiming:
         return None if self.llama_cpp_s is None else self.llama_cpp_s / self.ggforge_s
 
 
-def _median_time(fn: Callable[[], None], repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def _timed(fn: Callable[[], None], output: Path) -> float:
+    """Seconds `fn` takes to write `output`, which is deleted first."""
+    output.unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 _QUIET = None  # the no-op log callback (kept alive while llama.cpp may call it)
@@ -88,14 +92,16 @@ def bench_quantize(source: str | Path, types: Sequence[str], *, threads: int, re
                 nonlocal n_params
                 n_params = convert(source, ft, out, force=True).n_params
 
-            t_ours = _median_time(ours, repeat)
-            t_theirs = None
-            if llama is not None:
-                theirs = tmp / f"llama-{ft.name}.gguf"
-                t_theirs = _median_time(lambda: llama(f32, theirs, int(ft.ftype)), repeat)
-                theirs.unlink()
+            theirs = tmp / f"llama-{ft.name}.gguf"
+            ours_s, theirs_s = [], []
+            for _ in range(repeat):  # in turns
+                ours_s.append(_timed(ours, out))
+                if llama is not None:
+                    theirs_s.append(_timed(lambda: llama(f32, theirs, int(ft.ftype)), theirs))
             out.unlink()
-            r = QuantizeTiming(ft.name, n_params, t_ours, t_theirs)
+            theirs.unlink(missing_ok=True)
+            r = QuantizeTiming(ft.name, n_params, statistics.median(ours_s),
+                               statistics.median(theirs_s) if theirs_s else None)
             results.append(r)
             if on_result is not None:
                 on_result(r)

@@ -1,6 +1,9 @@
-"""The streaming converter: one tensor in memory at a time, written as it is made.
+"""The streaming converter: tensors are read, quantized and written a chunk of rows at a time.
 
     result = convert("./SmolLM2/model.safetensors", "q8_0")
+
+Reading, quantizing and writing run side by side (convert/stages); memory follows a few
+chunks (and the largest tensor that has to be read whole), not the model.
 """
 from __future__ import annotations
 
@@ -14,16 +17,15 @@ import numpy as np
 
 from ggforge.convert.plan import ConversionPlan, PlannedTensor, plan_conversion
 from ggforge.convert.mixes import FileType, MixOptions, parse_file_type
+from ggforge.convert.stages import Stages
 from ggforge.formats.atomic import atomic_output, check_output
 from ggforge.formats.errors import FormatError
 from ggforge.formats.gguf_reader import GGUFFile
 from ggforge.formats.gguf_writer import KV, GGUFWriter
-from ggforge.formats.imatrix import imatrix_for
-from ggforge.formats.quants import quantize
+from ggforge.formats.quants import get_type
+from ggforge.formats.quants import quantize as quantize_tensor
 
 log = logging.getLogger(__name__)
-
-CHUNK_ELEMENTS = 1 << 22  # rows are quantized in chunks of about this many elements
 
 
 @dataclass
@@ -66,8 +68,7 @@ def convert(source: str | Path, file_type: str | FileType, output: str | Path | 
                            validate=lambda p: _validate(p, plan)) as f:
             writer.attach(f)
             writer.write_header()
-            for t in plan.tensors:
-                _write_tensor(writer, plan, t, imatrix, progress or (lambda t, n: None))
+            _write_tensors(writer, plan, imatrix, progress or (lambda t, n: None))
             writer.finish()
         result = ConvertResult(out, ft.name, out.stat().st_size, plan.n_params,
                                time.perf_counter() - t0)
@@ -87,26 +88,38 @@ def _declare(plan: ConversionPlan) -> GGUFWriter:
     return w
 
 
-def _write_tensor(writer: GGUFWriter, plan: ConversionPlan, t: PlannedTensor,
-                  imatrix: dict[str, np.ndarray] | None,
-                  progress: Callable[[PlannedTensor, int], None]) -> None:
-    """Write one tensor in row chunks; `progress(t, n)` after each n elements."""
-    if plan.read_raw is not None and t.qtype.name == t.source_type:
-        writer.write_tensor(t.name, plan.read_raw(t))  # same type: copy the bytes as they are
-        progress(t, t.n_elements)
-        return
-    data = plan.read(t)  # (..., n_per_row) float32
-    rows = data.reshape(-1, t.shape[-1]) if data.ndim else data.reshape(1, 1)
-    weights = imatrix_for(imatrix, t.name, rows.shape[1]) if t.qtype.block_size > 1 else None
-    step = max(1, CHUNK_ELEMENTS // max(rows.shape[1], 1))
+def _write_tensors(writer: GGUFWriter, plan: ConversionPlan,
+                   imatrix: dict[str, np.ndarray] | None,
+                   progress: Callable[[PlannedTensor, int], None]) -> None:
+    """Read, quantize and write every tensor in row chunks; `progress(t, n)` after each
+    n elements. Reading (a prefetch thread), quantizing (this thread, the kernels on all
+    cores) and writing (a writer thread) overlap: see convert/stages."""
+    with Stages(writer, plan, imatrix) as stages:
+        for item in stages.chunks():
+            t = item.tensor
+            if item.raw is not None:
+                out, n = item.raw, t.n_elements
+            else:
+                out = quantize(item.rows, t.qtype, name=t.source or t.name,
+                               imatrix=item.weights, checked=item.checked)
+                n = item.rows.size
+            stages.done(item, out)
+            progress(t, n)
 
-    def parts():
-        for i in range(0, rows.shape[0], step):
-            chunk = rows[i:i + step]
-            yield quantize(chunk, t.qtype, name=t.source or t.name, imatrix=weights)
-            progress(t, chunk.size)
 
-    writer.write_tensor_chunks(t.name, parts())
+def quantize(rows: np.ndarray, qtype, *, name: str, imatrix=None,
+             checked: bool = False) -> np.ndarray:
+    """registry.quantize of one chunk of rows (n_rows, n_per_row) -> (n_rows, row_bytes)
+    uint8, without its NaN/Inf scan when the rows were `checked` as they were read."""
+    qt = get_type(qtype)
+    if not checked or imatrix is not None or rows.ndim != 2 or rows.shape[1] % qt.block_size:
+        return quantize_tensor(rows, qt, name=name, imatrix=imatrix)
+    # ggml's overflows (scales near 1e30 becoming Inf) without warnings, as registry.quantize
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = qt.quantize_blocks(rows.reshape(-1, qt.block_size))
+    if np.may_share_memory(out, rows):  # F32 "quantizes" to a view; the rows' buffer is reused
+        out = out.copy()
+    return out.reshape(rows.shape[0], qt.row_bytes(rows.shape[1]))
 
 
 def _validate(path: Path, plan: ConversionPlan) -> None:

@@ -17,6 +17,7 @@ from gguf import GGUFValueType as V
 from ggforge.convert.archs import ArchSpec, HParams, spec_for_config
 from ggforge.convert.archs.base import SKIP_MARKERS, SKIP_SUFFIXES
 from ggforge.convert.mixes import FileType, Mixer, MixOptions, llama_order
+from ggforge.convert.rows import RowSource
 from ggforge.convert.tokenizer import export_tokenizer
 from ggforge.formats.checkpoint import Checkpoint
 from ggforge.formats.errors import FormatError, UnsupportedModelError
@@ -56,6 +57,8 @@ class ConversionPlan:
     file_type: FileType
     read: Callable[[PlannedTensor], np.ndarray]          # float32, shape t.shape
     read_raw: Callable[[PlannedTensor], np.ndarray] | None = None  # bytes as stored (copies)
+    # where a tensor's rows can be read a chunk at a time (the fast path); None: use read
+    row_source: Callable[[PlannedTensor], RowSource | None] | None = None
     close: Callable[[], None] = lambda: None
     tensors: list[PlannedTensor] = field(default_factory=list)
     metadata: list[KV] = field(default_factory=list)
@@ -121,8 +124,19 @@ def _plan_hf(ckpt: Checkpoint, file_type: FileType, overrides: list[KV],
             data = data[: t.rows]
         return spec.transform(t.source, data, hp)
 
+    def row_source(t: PlannedTensor) -> RowSource | None:
+        entry = ckpt.tensors.get(t.source) if t.generated is None and t.source else None
+        if entry is None or len(entry.shape) != 2 or not RowSource.supports(entry.dtype):
+            return None
+        n_rows = entry.shape[0] if t.rows is None else t.rows
+        order = row_order(lambda d: spec.transform(t.source, d, hp), n_rows)
+        if order is False:
+            return None
+        return RowSource(t.source, entry.path, entry.offset, entry.dtype, n_rows, entry.shape[1],
+                         order)
+
     plan = ConversionPlan(list(ckpt.files), ckpt.model_dir, ckpt.model_dir.resolve().name,
-                          file_type, read=read, close=ckpt.close)
+                          file_type, read=read, close=ckpt.close, row_source=row_source)
 
     for gname, data in spec.extra_tensors(hp):
         plan.tensors.append(PlannedTensor(gname, None, data.shape, generated=data))
@@ -159,6 +173,26 @@ def _plan_hf(ckpt: Checkpoint, file_type: FileType, overrides: list[KV],
     kvs += tokenizer_kvs
     plan.metadata = merge_kvs(kvs, overrides)
     return plan
+
+
+def row_order(transform: Callable[[np.ndarray], np.ndarray], n_rows: int) -> np.ndarray | None | bool:
+    """How ``transform`` moves the rows of an (n_rows, ...) tensor: None when it leaves
+    them as they are, the source row of each output row when it only reorders them, and
+    False when it does anything else (changes values, shapes or columns).
+
+    Found by transforming a probe whose rows hold their own index (and the index + 0.25
+    in a second column, so that a change of columns or values shows), which keeps the
+    architecture's transforms in one place (ArchSpec.transform) for both read paths.
+    """
+    idx = np.arange(n_rows, dtype=np.float64)
+    probe = np.stack([idx, idx + 0.25], axis=1)  # (n_rows, 2)
+    out = np.asarray(transform(probe))
+    if out.shape != probe.shape or not np.array_equal(out[:, 1], out[:, 0] + 0.25):
+        return False
+    order = out[:, 0].astype(np.int64)
+    if not np.array_equal(order, out[:, 0]) or not np.array_equal(np.sort(order), idx):
+        return False
+    return None if np.array_equal(order, idx) else order
 
 
 def assign_types(plan: ConversionPlan, *, n_layer: int, n_gqa: int, is_70b: bool,

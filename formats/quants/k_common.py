@@ -19,8 +19,8 @@ llama-cpp-python 0.3.36) that must give the same bits, so the rules are strict:
 The scale searches (make_qx_quants and friends) are in k_search.
 
 numba's on-disk cache keys a function on its own file only: a kernel in k_q4_q5 keeps
-the code it inlined from here until its own cache entry goes. After editing this file
-or k_search, delete ``formats/quants/__pycache__/*.nbi`` and ``*.nbc``.
+the code it inlined from here until its own cache entry goes. After editing this file,
+k_search or k_lanes, delete ``formats/quants/__pycache__/*.nbi`` and ``*.nbc``.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 from llvmlite import ir
-from numba.core import types
+from numba.core import cgutils, errors, types
 from numba.extending import intrinsic
 
 F = np.float32
@@ -100,6 +100,27 @@ def bits_f32(typingctx, i):
         return builder.bitcast(v, ir.FloatType())
 
     return types.float32(i), codegen
+
+
+@intrinsic
+def stack_f32(typingctx, n):
+    """A pointer to ``n`` (a literal int) float32 on the stack of the calling function;
+    ``numba.carray(stack_f32(8), (8,))`` makes it an array.
+
+    For scratch that the hot loops of a kernel write: unlike an ``np.empty`` (a heap
+    allocation per call, and a pointer LLVM must assume may alias the arguments), a
+    stack buffer costs nothing and provably overlaps nothing, so loops over it vectorize
+    without run-time overlap checks (k_lanes). The buffer is only valid until the
+    function that called this returns: never return or store the array.
+    """
+    if not isinstance(n, types.IntegerLiteral):
+        raise errors.RequireLiteralValue(n)
+    count = n.literal_value
+
+    def codegen(context, builder, signature, args):
+        return cgutils.alloca_once(builder, ir.FloatType(), size=count)
+
+    return types.CPointer(types.float32)(n), codegen
 
 
 @sig(i8(i8, i8, i8))

@@ -4,7 +4,8 @@ Port of quantize_row_q6_K_ref / quantize_row_q6_K_impl and dequantize_row_q6_K
 (ggml-quants.c). The two quantizers differ only in the weights of the sub-block scale
 search: x^2 without an importance matrix, the importance itself with one (ggml's impl
 does not mix in the variance here, unlike the other K-quants). Arithmetic rules: see
-k_common.
+k_common. The 16 sub-block searches of a super-block (make_qx_quants, almost all of
+the work) run side by side in SIMD lanes, two super-blocks at a time (k_lanes).
 
 Block layout (little-endian, ggml-common.h):
 
@@ -19,6 +20,7 @@ the high bits of x[+0], x[+32], x[+64], x[+96] at bit pairs 0, 2, 4, 6.
 from __future__ import annotations
 
 import numpy as np
+from numba import carray
 
 from ggforge.formats.quants.k_common import (
     GROUP_MAX_EPS,
@@ -30,10 +32,13 @@ from ggforge.formats.quants.k_common import (
     load_fp16,
     load_row,
     nearest_int,
+    stack_f32,
     store_fp16,
     store_row,
 )
-from ggforge.formats.quants.k_search import make_qx_quants
+from ggforge.formats.quants.k_lanes import MAX_LANES, qx_lanes
+
+_BATCH = MAX_LANES // 16  # super-blocks per search
 
 
 @jit
@@ -44,16 +49,13 @@ def _int8(v):
 
 
 @jit
-def _q6_k_block(x, qw, has_qw, y):
-    """One super-block: x (256,) float32 -> y (210,) uint8; qw (256,) when has_qw."""
-    L = np.empty(QK_K, np.int8)
-    scales = np.empty(16, np.float32)
+def _q6_k_finish(x, r, y, L, Lt, g0, scales):
+    """quantize_row_q6_K after the 16 sub-block searches of super-block r of x, which
+    were lanes g0..g0+15 (levels + 32 in Lt, scales): -> y (210,) uint8."""
     max_scale = F(0.0)
     max_abs_scale = F(0.0)
     for ib in range(16):
-        scale = make_qx_quants(16, 32, x[16 * ib:16 * ib + 16], L[16 * ib:16 * ib + 16],
-                               qw[16 * ib:16 * ib + 16], has_qw)
-        scales[ib] = scale
+        scale = scales[g0 + ib]
         a = abs(scale)
         if a > max_abs_scale:
             max_abs_scale = a
@@ -62,16 +64,19 @@ def _q6_k_block(x, qw, has_qw, y):
         y[:] = 0
         store_fp16(y, 208, F(0.0))
         return
+    for ib in range(16):
+        for i in range(16):
+            L[16 * ib + i] = Lt[i, g0 + ib]
     iscale = F(-128.0) / max_scale
     d_all = store_fp16(y, 208, F(1.0) / iscale)
     for ib in range(16):
-        y[192 + ib] = min(127, nearest_int(iscale * scales[ib])) & 0xFF  # int8_t store
+        y[192 + ib] = min(127, nearest_int(iscale * scales[g0 + ib])) & 0xFF  # int8_t store
     for j in range(16):
         d = d_all * F(_int8(y[192 + j]))
         if d == 0:
             continue
         for ii in range(16):
-            l = nearest_int(x[16 * j + ii] / d)
+            l = nearest_int(x[r, 16 * j + ii] / d)
             L[16 * j + ii] = clamp(-32, 31, l) + 32
     for h in range(2):
         for l in range(32):
@@ -87,16 +92,28 @@ def _q6_k_block(x, qw, has_qw, y):
 
 @driver
 def quantize_q6_k(x, qw, has_qw, out):
-    """x (n, 256) float32, qw (n, 256) float32 (read only when has_qw) -> out (n, 210)."""
-    xs = np.empty(x.shape[1], np.float32)
-    ws = np.empty(x.shape[1], np.float32)
+    """x (n, 256) float32, qw (n, 256) float32 (read only when has_qw) -> out (n, 210).
+
+    The 16 make_qx_quants searches of a super-block are almost all of the work; they
+    run for _BATCH super-blocks at once, one sub-block per SIMD lane (k_lanes)."""
+    xt = carray(stack_f32(512), (16, MAX_LANES))  # xt[i, 16b + j]: value i of sub-block j of block b
+    wt = carray(stack_f32(512), (16, MAX_LANES))  # its importance (has_qw)
+    scales = carray(stack_f32(32), (MAX_LANES,))
+    Lt = np.empty((16, MAX_LANES), np.int8)
+    L = np.empty(QK_K, np.int8)
     ys = np.empty(out.shape[1], np.uint8)
-    for i in range(x.shape[0]):
-        load_row(x, i, xs)
-        if has_qw:
-            load_row(qw, i, ws)
-        _q6_k_block(xs, ws, has_qw, ys)
-        store_row(ys, out, i)
+    for i0 in range(0, x.shape[0], _BATCH):
+        nb = min(_BATCH, x.shape[0] - i0)
+        for b in range(nb):
+            for j in range(16):
+                for i in range(16):
+                    xt[i, 16 * b + j] = x[i0 + b, 16 * j + i]
+                    if has_qw:
+                        wt[i, 16 * b + j] = qw[i0 + b, 16 * j + i]
+        qx_lanes(16, 16 * nb, 32, xt, wt, has_qw, Lt, scales)
+        for b in range(nb):
+            _q6_k_finish(x, i0 + b, ys, L, Lt, 16 * b, scales)
+            store_row(ys, out, i0 + b)
 
 
 @jit

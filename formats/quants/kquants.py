@@ -3,8 +3,8 @@
 Importing this module registers the seven types. Each quantizer is byte-identical to
 what libggml's ``ggml_quantize_chunk`` writes, both without an importance matrix (ggml's
 ``quantize_row_*_ref`` for the K-quants) and with one (``quantize_row_*_impl``); the
-numba kernels live in k_q2_q3, k_q4_q5, k_q6 and iq4, their shared steps in k_common
-and k_search.
+numba kernels live in k_q2_q3, k_q4_q5 (k_q4_q5_lanes for quantizing), k_q6 and iq4,
+their shared steps in k_common, k_search and k_lanes.
 
 The kernel modules are imported on the first (de)quantize call, not here: importing
 numba and loading the compiled kernels from its cache takes about a second, which
@@ -122,23 +122,25 @@ def _block_dequantizer(name: str, module: str, kernel: str, block_size: int, typ
 
 _T = gguf.GGMLQuantizationType
 
-# name, ggml type, block size, bytes per block (ggml-common.h), kernel module; the
-# kernels are quantize_<name> and dequantize_<name>, lower case.
+# name, ggml type, block size, bytes per block (ggml-common.h), quantizer module,
+# dequantizer module; the kernels are quantize_<name> and dequantize_<name>, lower case.
+# Q4_K / Q5_K quantize in k_q4_q5_lanes (the same bytes as k_q4_q5's, searches in SIMD
+# lanes, about 3.5x faster).
 _TABLE = [
-    ("Q2_K", _T.Q2_K, 256, 84, "k_q2_q3"),
-    ("Q3_K", _T.Q3_K, 256, 110, "k_q2_q3"),
-    ("Q4_K", _T.Q4_K, 256, 144, "k_q4_q5"),
-    ("Q5_K", _T.Q5_K, 256, 176, "k_q4_q5"),
-    ("Q6_K", _T.Q6_K, 256, 210, "k_q6"),
-    ("IQ4_NL", _T.IQ4_NL, 32, 18, "iq4"),
-    ("IQ4_XS", _T.IQ4_XS, 256, 136, "iq4"),
+    ("Q2_K", _T.Q2_K, 256, 84, "k_q2_q3", "k_q2_q3"),
+    ("Q3_K", _T.Q3_K, 256, 110, "k_q2_q3", "k_q2_q3"),
+    ("Q4_K", _T.Q4_K, 256, 144, "k_q4_q5_lanes", "k_q4_q5"),
+    ("Q5_K", _T.Q5_K, 256, 176, "k_q4_q5_lanes", "k_q4_q5"),
+    ("Q6_K", _T.Q6_K, 256, 210, "k_q6", "k_q6"),
+    ("IQ4_NL", _T.IQ4_NL, 32, 18, "iq4", "iq4"),
+    ("IQ4_XS", _T.IQ4_XS, 256, 136, "iq4", "iq4"),
 ]
 
 KQUANT_TYPES: dict[str, QuantType] = {
     name: register(QuantType(
         name, ggml_type, bs, ts,
-        _block_quantizer(name, module, f"quantize_{name.lower()}", bs, ts),
-        _block_dequantizer(name, module, f"dequantize_{name.lower()}", bs, ts),
+        _block_quantizer(name, qmodule, f"quantize_{name.lower()}", bs, ts),
+        _block_dequantizer(name, dmodule, f"dequantize_{name.lower()}", bs, ts),
     ))
-    for name, ggml_type, bs, ts, module in _TABLE
+    for name, ggml_type, bs, ts, qmodule, dmodule in _TABLE
 }
