@@ -1,35 +1,67 @@
 """The element-wise and attention pieces of the forward pass, computed as ggml's CPU
 backend computes them (float32, its accumulation and rounding choices), so that our logits
 follow llama.cpp's closely.
+
+The arithmetic is written here as numpy expressions; the norms, the GELU gate, RoPE and the
+attention of a few tokens run as compiled kernels (kernels/elementwise.py) that do the same
+float32 operations in one pass, because at decode these vectors are small and numpy's
+per-call overhead would cost more than the layer's matrix products.
 """
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 
+from ggforge.runtime.kernels import elementwise as ew
+
 F32 = np.float32
+# Up to this many query tokens attention runs in the compiled kernel; beyond, numpy's
+# batched matrix products are faster.
+ATTEND_MAX_TOKENS = 16
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray | None, eps: float) -> np.ndarray:
-    """ggml_rms_norm (squares summed in double, mean and scale in float) times `weight`."""
+    """ggml_rms_norm (squares summed in double, mean and scale in float) times `weight`:
+    y = x * (1 / sqrt(float(sum(double(x * x)) / n) + eps)) * weight."""
     # x: (..., n)
-    mean = (np.sum((x * x).astype(np.float64), axis=-1, keepdims=True) / x.shape[-1]).astype(F32)
-    scale = (F32(1.0) / np.sqrt(mean + F32(eps))).astype(F32)
-    y = x * scale
-    return y if weight is None else y * weight
+    if weight is None:
+        mean = (np.sum((x * x).astype(np.float64), axis=-1, keepdims=True) / x.shape[-1]).astype(F32)
+        return x * (F32(1.0) / np.sqrt(mean + F32(eps))).astype(F32)
+    rows = np.ascontiguousarray(x, F32).reshape(-1, x.shape[-1])   # (tokens [x heads], n)
+    out = np.empty_like(rows)
+    ew.rms_norm_rows(rows, np.ascontiguousarray(weight, F32), F32(eps), out)
+    return out.reshape(x.shape)
 
 
 def silu(x: np.ndarray) -> np.ndarray:
     return x / (F32(1.0) + np.exp(-x))
 
 
-def gelu_fp16_table(x: np.ndarray) -> np.ndarray:
-    """ggml's CPU GELU: the tanh approximation looked up at fp16(x), stored as fp16."""
-    xf = x.astype(np.float16).astype(F32)
+def _gelu_fp16(xf: np.ndarray) -> np.ndarray:
+    """The tanh approximation of GELU at fp16 values ``xf``, rounded to fp16."""
     c = F32(0.7978845608028654)  # sqrt(2/pi)
     g = F32(0.5) * xf * (F32(1.0) + np.tanh(c * xf * (F32(1.0) + F32(0.044715) * xf * xf)))
-    y = g.astype(np.float16).astype(F32)
+    return g.astype(np.float16).astype(F32)
+
+
+def gelu_fp16_table(x: np.ndarray) -> np.ndarray:
+    """ggml's CPU GELU: the tanh approximation looked up at fp16(x), stored as fp16."""
+    if x.dtype == F32:
+        flat = np.ascontiguousarray(x).reshape(-1)
+        out = np.empty_like(flat)
+        ew.gelu(flat, _gelu_table(), out)
+        return out.reshape(x.shape)
+    y = _gelu_fp16(x.astype(np.float16).astype(F32))
     y = np.where(x <= F32(-10.0), F32(0.0), y)
     return np.where(x >= F32(10.0), x, y)
+
+
+@lru_cache(maxsize=1)
+def _gelu_table() -> np.ndarray:
+    """_gelu_fp16 at every fp16 bit pattern (65536,): ggml_table_gelu_f16."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        return _gelu_fp16(np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(F32))
 
 
 ACTIVATIONS = {"silu": silu, "gelu": gelu_fp16_table}
@@ -38,7 +70,30 @@ ACTIVATIONS = {"silu": silu, "gelu": gelu_fp16_table}
 def rope_cache(positions: np.ndarray, n_rot: int, base: float, scale: float,
                freq_factors: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     """cos/sin (n_tokens, n_rot/2) as ggml_rope_cache_init builds them: theta starts at the
-    position and is multiplied by base^(-2/n_rot) once per pair, in float32."""
+    position and is multiplied by base^(-2/n_rot) once per pair, in float32.
+
+    Every position's row depends on that position only: rows come from a table of the
+    positions 0..2^k - 1, built once per setting (and again, twice as long, when a
+    position is past its end)."""
+    positions = np.asarray(positions)
+    if positions.size == 0 or positions.min() < 0:
+        return _rope_rows(positions, n_rot, base, scale, freq_factors)
+    key = (n_rot, float(base), float(scale), None if freq_factors is None else freq_factors.tobytes())
+    cos, sin = _ROPE_TABLES.get(key, (None, None))
+    if cos is None or positions.max() >= cos.shape[0]:
+        size = 1 << max(8, int(positions.max()).bit_length())
+        cos, sin = _rope_rows(np.arange(size), n_rot, base, scale, freq_factors)
+        if len(_ROPE_TABLES) >= 8:
+            _ROPE_TABLES.clear()
+        _ROPE_TABLES[key] = cos, sin
+    return cos[positions], sin[positions]
+
+
+_ROPE_TABLES: dict = {}
+
+
+def _rope_rows(positions: np.ndarray, n_rot: int, base: float, scale: float,
+               freq_factors: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     theta_scale = F32(np.power(F32(base), F32(-2.0) / F32(n_rot)))
     theta = positions.astype(F32)                                # (n_tokens,)
     out = np.empty((positions.shape[0], n_rot // 2), dtype=F32)
@@ -51,6 +106,11 @@ def rope_cache(positions: np.ndarray, n_rot: int, base: float, scale: float,
 
 def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, mode: str) -> np.ndarray:
     """Rotate the first n_rot dims of every head. x: (n_tokens, n_heads, head_dim)."""
+    if x.ndim == 3 and x.dtype == F32 and cos.dtype == F32:
+        x = np.ascontiguousarray(x)
+        out = np.empty_like(x)
+        ew.rope(x, np.ascontiguousarray(cos), np.ascontiguousarray(sin), int(mode != "norm"), out)
+        return out
     n_rot = cos.shape[1] * 2
     c, s = cos[:, None, :], sin[:, None, :]                      # (n_tokens, 1, n_rot/2)
     out = x.copy()
@@ -76,17 +136,25 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray, sc
     """
     n_tok, n_head, _ = q.shape
     n_kv, n_head_kv, dv = v.shape
+    if n_tok <= ATTEND_MAX_TOKENS and q.dtype == k.dtype == v.dtype == F32:
+        out = np.empty((n_tok, n_head * dv), F32)
+        ew.attend(np.ascontiguousarray(q), np.ascontiguousarray(k), np.ascontiguousarray(v),
+                  np.ascontiguousarray(q_pos, np.int64), F32(scale), int(window), out)
+        return out
     group = n_head // n_head_kv
     kv_pos = np.arange(n_kv)
     masked = kv_pos[None, :] > q_pos[:, None]                       # (n_tokens, n_kv)
     if window:
         masked |= (q_pos[:, None] - kv_pos[None, :]) >= window
-    qh = q.reshape(n_tok, n_head_kv, group, -1).transpose(1, 2, 0, 3)   # (kv_h, g, n_tok, d)
-    kh = k.transpose(1, 2, 0)[:, None]                                  # (kv_h, 1, d, n_kv)
-    scores = (qh @ kh) * F32(scale)                                     # (kv_h, g, n_tok, n_kv)
-    scores = np.where(masked, F32(-np.inf), scores)
-    scores -= scores.max(axis=-1, keepdims=True)
-    p = np.exp(scores)
-    p /= p.sum(axis=-1, keepdims=True, dtype=np.float64).astype(F32)
-    out = p @ v.transpose(1, 0, 2)[:, None]                             # (kv_h, g, n_tok, dv)
-    return out.transpose(2, 0, 1, 3).reshape(n_tok, n_head * dv)
+    masked = np.broadcast_to(masked, (group, n_tok, n_kv)).reshape(group * n_tok, n_kv)
+    out = np.empty((n_tok, n_head_kv, group, dv), F32)
+    for h in range(n_head_kv):  # one BLAS product per kv head: its group of query heads
+        qh = q[:, h * group:(h + 1) * group].transpose(1, 0, 2).reshape(group * n_tok, -1)
+        scores = qh @ k[:, h].T                                     # (g * n_tok, n_kv)
+        scores *= F32(scale)
+        scores[masked] = -np.inf
+        scores -= scores.max(axis=-1, keepdims=True)
+        np.exp(scores, out=scores)
+        scores /= scores.sum(axis=-1, keepdims=True, dtype=np.float64).astype(F32)
+        out[:, h] = (scores @ v[:, h]).reshape(group, n_tok, dv).transpose(1, 0, 2)
+    return out.reshape(n_tok, n_head * dv)

@@ -304,3 +304,157 @@ def test_unsupported_type_is_named():
     with pytest.raises(UnsupportedModelError, match="IQ2_XXS"):
         QWeight(np.zeros((1, 66), np.uint8), int(Q.IQ2_XXS), 256, 1)
     assert kernels.vec_dot_type(Q.Q5_K) == "q8_K"
+
+
+# ---------------------------------------------------------------- decode on all cores (pool.py)
+
+def _row_args(qw, x):
+    """(packed, xq, xd, auxf, auxi, out) for the row-group kernel of qw's type."""
+    vtype = kernels.vec_dot_type(qw.ggml_type)
+    xq, xd, *extra = act_quant.quantize(x, vtype)
+    auxf = extra[0] if vtype == "q8_1" else np.zeros((1, 1), np.float32)
+    auxi = extra[0] if vtype == "q8_K" else np.zeros((1, 1), np.int32)
+    return qw.packed(), xq, xd, auxf, auxi, np.full((len(x), qw.n_out), np.nan, np.float32)
+
+
+@pytest.mark.parametrize("qtype", LEGACY + SUPER)
+@pytest.mark.parametrize("n_tok", [1, 4, 11])
+def test_row_kernels_on_the_pool_match_llama_cpp_and_one_thread(cpu, qtype, n_tok):
+    """Products big enough for the worker pool: llama.cpp's numbers, and bit for bit the
+    one-thread kernel's, one token or TB at a time (301 rows: groups of 8 and chunks of
+    32 with a tail)."""
+    from ggforge.runtime.kernels import dispatch, pool
+    qw, wd = weight(qtype, 512, 301)
+    assert qw.nbytes * n_tok >= pool.MIN_BYTES
+    x = activations(n_tok, 512, seed=7)
+    try:
+        set_threads(1)
+        one = matmul(x, qw)
+        set_threads(2)
+        many = [matmul(x, qw) for _ in range(10)]
+    finally:
+        set_threads()
+    kernel = dispatch.route(qw.ggml_type).rows
+    workers = pool.get_pool(2)
+    for _ in range(10):
+        args = _row_args(qw, x)
+        assert workers.run(kernel, args)
+        many.append(args[-1])
+    for tokens in range(n_tok):  # one token at a time: the decode path
+        args = _row_args(qw, x[tokens:tokens + 1])
+        kernel(*args, 0, 301)
+        np.testing.assert_array_equal(args[-1][0], one[tokens])
+    for y in many:
+        np.testing.assert_array_equal(y, one)
+    ref, _ = cpu.matmul(qtype, qw.raw, x)
+    assert (np.abs(one.astype(np.float64) - ref) <= 1e-5 * _abs_terms(x, wd) + 1e-30).all()
+
+
+def _publish(pool_mod, ctrl, job, slot, args, scratch, flags):
+    """A job descriptor as pool._run writes it (for driving a worker by hand)."""
+    packed, xq, xd, auxf, auxi, out = args
+    d = [slot, out.shape[1], xq.shape[0], packed.ctypes.data, packed.shape[1], xq.ctypes.data,
+         xq.shape[1], xd.ctypes.data, xd.shape[1], auxf.ctypes.data, auxf.shape[1],
+         auxi.ctypes.data, auxi.shape[1], scratch.ctypes.data, flags.ctypes.data]
+    ctrl[pool_mod.DESC:pool_mod.DESC + len(d)] = d
+    ctrl[pool_mod.SEQ] = job
+    ctrl[pool_mod.WORD] = job << 32
+
+
+def _table(pool_mod, kernel):
+    """A kernel table with ``kernel`` in slot 0."""
+    table = np.zeros(pool_mod.SLOTS, np.int64)
+    table[0] = kernel.native_address()
+    return table
+
+
+@pytest.mark.parametrize("qtype", ["Q5_0", "Q6_K"])
+def test_pool_worker_computes_claimed_chunks(qtype):
+    """A worker alone takes every chunk of a published job into the scratch buffer and
+    flags each with the job id; its numbers are the one-thread kernel's."""
+    from ggforge.runtime.kernels import dispatch, pool
+    qw, _ = weight(qtype, 512, 301)
+    kernel = dispatch.route(qw.ggml_type).rows
+    args = _row_args(qw, activations(3, 512, seed=4))
+    ctrl = np.zeros(pool.BUSY + 8, np.int64)
+    scratch = np.full((3, 301), np.nan, np.float32)
+    flags = np.zeros(10, np.int64)
+    table = _table(pool, kernel)
+    _publish(pool, ctrl, 7, 0, args, scratch, flags)
+    assert pool._worker(ctrl, 0, 1000, table) == 0      # no work left: back to sleep
+    assert (flags == 7).all() and ctrl[pool.BUSY] == 0
+    ctrl[pool.WORD] = 8 << 32                              # a job whose descriptor is not out yet
+    assert pool._worker(ctrl, 0, 1000, table) == 0 and (flags == 7).all()
+    kernel(*args, 0, 301)
+    np.testing.assert_array_equal(scratch, args[-1])
+    ctrl[pool.EXIT] = 1
+    assert pool._worker(ctrl, 0, 1000, table) == 1
+
+
+def test_pool_caller_computes_a_late_workers_chunk():
+    """A worker that claims a chunk and never finishes it (its thread descheduled) does
+    not hold the caller up: the caller computes that chunk itself, the result is whole."""
+    import threading
+
+    import numba
+
+    from ggforge.runtime.kernels import _atomics, dispatch, pool
+
+    @numba.njit(nogil=True)
+    def claim_one_and_stall(ctrl, job):
+        while True:
+            w = _atomics.load(ctrl, pool.WORD)
+            if w >> 32 == job and w & 0xFFFFFFFF < 10 and _atomics.cas(ctrl, pool.WORD, w, w + 1):
+                return w & 0xFFFFFFFF
+
+    qw, _ = weight("Q8_0", 512, 301)
+    kernel = dispatch.route(qw.ggml_type).rows
+    args = _row_args(qw, activations(1, 512, seed=5))
+    ctrl = np.zeros(pool.BUSY + 8, np.int64)
+    scratch = np.zeros(301, np.float32)
+    flags = np.zeros(10, np.int64)
+    claim_one_and_stall(ctrl.copy(), 0)                # compiled before the race starts
+    got = []
+    th = threading.Thread(target=lambda: got.append(claim_one_and_stall(ctrl, 1)))
+    th.start()
+    while True:  # until the stalling thread has its chunk, the caller takes them all
+        ctrl[:] = 0
+        job, late = pool._run(ctrl, _table(pool, kernel), 0, *args, scratch, flags, 1000)
+        if got or not th.is_alive():
+            break
+    th.join()
+    assert job == 1 and late == 1 and got
+    one = _row_args(qw, activations(1, 512, seed=5))
+    kernel(*one, 0, 301)
+    np.testing.assert_array_equal(args[-1], one[-1])
+
+
+def test_pack_rows_interleaves_groups_of_eight_block_by_block():
+    from ggforge.runtime.kernels._rows import pack_rows
+    raw = np.arange(11 * 6, dtype=np.uint8).reshape(11, 6)          # 11 rows of 3 blocks of 2
+    packed = pack_rows(raw, 2)
+    assert packed.shape == (2, 8 * 6)
+    group = packed[1].reshape(3, 8, 2)                               # (block, row, byte)
+    np.testing.assert_array_equal(group[:, :3], raw[8:11].reshape(3, 3, 2).transpose(1, 0, 2))
+    np.testing.assert_array_equal(group[:, 3:], np.repeat(group[:, 2:3], 5, axis=1))  # padding
+
+
+def test_pool_chooser_keeps_the_faster_way():
+    from ggforge.runtime.kernels.pool import Chooser
+    c = Chooser(round_jobs=4)
+    modes = []
+
+    def run(speed, rounds):  # speed: bytes per second with (True) and without the workers
+        for _ in range(rounds * c.round_jobs):
+            modes.append(c.use_pool)
+            c.record(1000, 1000 / speed[c.use_pool])
+        return np.mean(modes[-(rounds // 2) * c.round_jobs:])
+
+    assert 0.95 < run({True: 2.0, False: 1.0}, 400) < 1      # the workers, seldom not
+    assert c.interval == c.MAX_INTERVAL and c.rate[True] == 0.5 * c.rate[False]
+    assert run({True: 0.5, False: 1.0}, 400) < 0.05           # a busy machine: alone
+    assert run({True: 2.0, False: 1.0}, 400) > 0.95           # and back
+    c = Chooser(round_jobs=4)
+    for i in range(12):  # one slow start (compilation) does not decide
+        c.record(1000, 100.0 if i == 0 else 1000 / (2.0 if c.use_pool else 1.0))
+    assert c.preferred and c.use_pool

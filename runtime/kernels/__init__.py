@@ -10,21 +10,26 @@ first quantized to the weight type's ``vec_dot_type`` (Q8_0 for Q8_0/Q4_0/Q5_0/I
 Q8_1 for Q4_1/Q5_1, Q8_K for the K-quants and IQ4_XS, rounded to F16/BF16 for F16/BF16
 weights, unchanged for F32), then each block contributes an exact integer dot product
 scaled by the two blocks' scales. One token (decode) streams the weight bytes once per
-call; many tokens (prefill) reuse each unpacked weight block for all tokens. Both run
+call; many tokens (prefill) reuse each unpacked weight block for several tokens. Both run
 over output rows on :func:`set_threads` threads.
+
+The most common types are read eight rows at a time from a copy whose groups of eight
+rows are interleaved block by block (``QWeight.packed``, made on first use): memory then
+streams them at full speed. That copy replaces the mapped bytes in the computation (the
+mapping is read once, to pack), so the weights are in memory once, still quantized.
 
 Kernels are compiled by numba on first use per weight type and cached on disk.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ggforge.formats.errors import FormatError, UnsupportedModelError
-from ggforge.runtime.kernels.dispatch import ROUTES, Route, get_rows_raw, matmul_raw, route
+from ggforge.runtime.kernels.dispatch import ROUTES, Route, get_rows_raw, matmul_raw, pack, route
 from ggforge.runtime.kernels.threads import get_threads, set_threads
 
 __all__ = ["QWeight", "matmul", "get_rows", "set_threads", "get_threads", "vec_dot_type",
@@ -42,6 +47,8 @@ class QWeight:
     ggml_type: int
     n_in: int
     n_out: int
+    mapped: bool = False   # raw lies in a read-only file mapping (from_gguf)
+    _packed: list = field(default_factory=list, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         route(self.ggml_type)
@@ -71,7 +78,7 @@ class QWeight:
         except UnsupportedModelError as e:
             raise UnsupportedModelError(f"{g.path}: tensor {name!r}: {e}") from None
         raw = g.raw(name).reshape(n_out, -1)
-        return cls(raw, int(info.ggml_type), n_in, n_out)
+        return cls(raw, int(info.ggml_type), n_in, n_out, mapped=True)
 
     @property
     def type_name(self) -> str:
@@ -80,6 +87,33 @@ class QWeight:
     @property
     def nbytes(self) -> int:
         return int(self.raw.nbytes)
+
+    def packed(self) -> np.ndarray | None:
+        """The rows as the row-group kernels read them (dispatch.pack, an anonymous copy
+        made on first use), or None for a type whose kernels read ``raw`` in place."""
+        if not self._packed:
+            self._packed.append(pack(self.raw, self.ggml_type))
+            if self._packed[0] is not None and self.mapped:
+                _drop_pages(self.raw)   # the copy replaces them: keep RSS ~ one copy
+        return self._packed[0]
+
+
+def _drop_pages(view: np.ndarray) -> None:
+    """Let the kernel drop the file-mapped pages under ``view`` (whole pages inside it).
+    Only for read-only file mappings: they are re-read from the file if touched again
+    (an embedding lookup), never zeroed."""
+    import ctypes
+    import mmap
+
+    page = mmap.PAGESIZE
+    start = view.ctypes.data
+    lo, hi = -(-start // page) * page, (start + view.nbytes) // page * page
+    if hi > lo and hasattr(mmap, "MADV_DONTNEED"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), mmap.MADV_DONTNEED)
+        except (OSError, AttributeError):  # no madvise: the pages stay until evicted
+            pass
 
 
 def matmul(x: np.ndarray, w: QWeight) -> np.ndarray:
@@ -92,7 +126,7 @@ def matmul(x: np.ndarray, w: QWeight) -> np.ndarray:
     x2 = np.ascontiguousarray(x.reshape(1, -1) if one else x, dtype=np.float32)
     if x2.ndim != 2 or x2.shape[1] != w.n_in:
         raise ValueError(f"matmul: x has shape {x.shape}, the weight needs (n_tokens, {w.n_in})")
-    y = matmul_raw(x2, w.raw, w.ggml_type, w.n_out)
+    y = matmul_raw(x2, w.raw, w.ggml_type, w.n_out, w.packed())
     return y[0] if one else y
 
 

@@ -14,8 +14,8 @@ Three facts about numba (0.68, LLVM 15) decide how every kernel here is written:
   unsigned (``U(o + j)``) so no wraparound select sits in a vector loop.
 
 Where a loop over one 16- or 32-element block is all there is (decode), even a well
-vectorized loop spends more on its setup and horizontal sum than on the block: those
-dot products are LLVM vector IR instead (_simd.py).
+vectorized loop spends more on its setup and horizontal sum than on the block: the
+quantized types' dot products are LLVM vector IR instead (_rows.py).
 
 Kernels are compiled on first use, for one explicit signature each, and cached on disk
 (``cache=True``): a model that uses three tensor types compiles three kernels once.
@@ -116,6 +116,13 @@ class Kernel:
             d = self.compile()
         return d(*args)
 
+    def native_address(self) -> int:
+        """The address of the compiled function itself (numba's calling convention: status
+        = f(return slot, exception slot, *arguments as their data models)), for compiled
+        code that calls kernels it was not compiled with (pool.call_kernel)."""
+        cres = self.compile().overloads[self.signature.args]
+        return cres.library.get_pointer_to_function(cres.fndesc.llvm_func_name)
+
 
 def kernel(signature, fastmath=False):
     """Decorator: a :class:`Kernel` for ``signature`` (a numba signature)."""
@@ -162,12 +169,6 @@ def f32_bits(typingctx, x):
 # ---------------------------------------------------------------- half floats
 
 _TWO_M24 = F(2.0**-24)
-
-
-@helper
-def half(lo, hi):
-    """GGML_FP16_TO_FP32 of the little-endian half in bytes ``lo``, ``hi``: exact."""
-    return fp16_bits(I(lo) | (I(hi) << 8))
 
 
 @helper

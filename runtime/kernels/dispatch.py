@@ -2,7 +2,10 @@
 
 Each ggml weight type maps to a :class:`Route`: its ``vec_dot_type`` (what llama.cpp
 quantizes the activations to before the dot products, ggml-cpu.c ``type_traits_cpu``),
-its block size, and a decode (one token) and a prefill (many tokens) kernel.
+its block size, and a decode (one token at a time) and a prefill (several tokens per
+pass over the weights) kernel. The quantized types' kernels (rows_legacy.py,
+rows_kquants.py) read the weights packed (:func:`pack`) and give the same numbers in
+both; they run on pool.py's workers (or threads.run_rows for huge outputs).
 """
 
 from __future__ import annotations
@@ -10,22 +13,25 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 
 from ggforge.formats.errors import UnsupportedModelError
 from ggforge.formats.quants import dequantize
-from ggforge.runtime.kernels import act_quant, dot_float, dot_kquants, dot_legacy, mm_kquants
+from ggforge.runtime.kernels import act_quant, dot_float, rows_kquants, rows_legacy
+from ggforge.runtime.kernels import pool as decode_pool
 from ggforge.runtime.kernels._jit import Kernel
+from ggforge.runtime.kernels._rows import ROWS as PACK_ROWS
+from ggforge.runtime.kernels._rows import pack_rows
 from ggforge.runtime.kernels.prefill import ROWS, tokens_last
-from ggforge.runtime.kernels.threads import run_rows
-
+from ggforge.runtime.kernels.threads import get_threads, run_rows
 
 # Up to this many tokens the decode kernels run (each token's dot products against a
-# weight row while the row sits in L1); beyond, the prefill kernels, which vectorize over
-# tokens but pad them to a multiple of 16.
+# weight row group while it sits in L1); beyond, the prefill kernels (several tokens per
+# unpacked block; for F16/BF16, vectorized over tokens padded to a multiple of 16).
 DECODE_MAX_TOKENS = 6
-# Prefill takes at most this many tokens per pass, so that the tokens-last activations of
-# one pass (n_in x 256 float32, 4 MiB at n_in = 4096) stay in cache.
+# Prefill takes at most this many tokens per pass, so that one pass's activations (for
+# F16/BF16 tokens-last float32, n_in x 256 x 4 bytes = 4 MiB at n_in = 4096) stay in cache.
 TOKEN_TILE = 256
 
 
@@ -33,29 +39,35 @@ TOKEN_TILE = 256
 class Route:
     """How one weight type is multiplied: activation type, block size, kernels."""
 
-    vec_dot_type: str            # "f32", "f16", "bf16", "q8_0", "q8_1", "q8_K"
-    qk: int                      # elements per block of the weight type
-    decode: Kernel | None        # a few tokens (None: numpy)
-    prefill: Kernel | None       # many tokens
+    vec_dot_type: str                # "f32", "f16", "bf16", "q8_0", "q8_1", "q8_K"
+    qk: int                          # elements per block of the weight type
+    decode: Kernel | None = None     # F16/BF16: a few tokens (F32: numpy)
+    prefill: Kernel | None = None    # F16/BF16: many tokens
+    rows: Kernel | None = None       # quantized: the row-group kernel (_rows.ROWS_SIG)
+
+    @property
+    def packed(self) -> bool:
+        """Whether the kernel takes the weights packed (_rows.pack_rows)."""
+        return self.rows is not None
 
 
-L, K, KM, FL = dot_legacy, dot_kquants, mm_kquants, dot_float
+FL, RL, RK = dot_float, rows_legacy, rows_kquants
 ROUTES: dict[int, Route] = {
     T.F32: Route("f32", 1, None, None),
     T.F16: Route("f16", 1, FL.mv_f16, FL.mm_f16),
     T.BF16: Route("bf16", 1, FL.mv_bf16, FL.mm_bf16),
-    T.Q8_0: Route("q8_0", 32, L.mv_q8_0, L.mm_q8_0),
-    T.Q4_0: Route("q8_0", 32, L.mv_q4_0, L.mm_q4_0),
-    T.Q5_0: Route("q8_0", 32, L.mv_q5_0, L.mm_q5_0),
-    T.IQ4_NL: Route("q8_0", 32, L.mv_iq4_nl, L.mm_iq4_nl),
-    T.Q4_1: Route("q8_1", 32, L.mv_q4_1, L.mm_q4_1),
-    T.Q5_1: Route("q8_1", 32, L.mv_q5_1, L.mm_q5_1),
-    T.Q2_K: Route("q8_K", 256, K.mv_q2_K, KM.mm_q2_K),
-    T.Q3_K: Route("q8_K", 256, K.mv_q3_K, KM.mm_q3_K),
-    T.Q4_K: Route("q8_K", 256, K.mv_q4_K, KM.mm_q4_K),
-    T.Q5_K: Route("q8_K", 256, K.mv_q5_K, KM.mm_q5_K),
-    T.Q6_K: Route("q8_K", 256, K.mv_q6_K, KM.mm_q6_K),
-    T.IQ4_XS: Route("q8_K", 256, K.mv_iq4_xs, KM.mm_iq4_xs),
+    T.Q8_0: Route("q8_0", 32, rows=RL.q8_0),
+    T.Q4_0: Route("q8_0", 32, rows=RL.q4_0),
+    T.Q5_0: Route("q8_0", 32, rows=RL.q5_0),
+    T.IQ4_NL: Route("q8_0", 32, rows=RL.iq4_nl),
+    T.Q4_1: Route("q8_1", 32, rows=RL.q4_1),
+    T.Q5_1: Route("q8_1", 32, rows=RL.q5_1),
+    T.Q2_K: Route("q8_K", 256, rows=RK.q2_K),
+    T.Q3_K: Route("q8_K", 256, rows=RK.q3_K),
+    T.Q4_K: Route("q8_K", 256, rows=RK.q4_K),
+    T.Q5_K: Route("q8_K", 256, rows=RK.q5_K),
+    T.Q6_K: Route("q8_K", 256, rows=RK.q6_K),
+    T.IQ4_XS: Route("q8_K", 256, rows=RK.iq4_xs),
 }
 
 
@@ -74,9 +86,21 @@ def route(ggml_type: int) -> Route:
     return r
 
 
-def matmul_raw(x: np.ndarray, raw: np.ndarray, ggml_type: int, n_out: int) -> np.ndarray:
-    """x (T, n_in) float32 C-contiguous, raw (n_out, row_bytes) -> (T, n_out) float32."""
+def pack(raw: np.ndarray, ggml_type: int) -> np.ndarray | None:
+    """raw (n_out, row_bytes) as the type's kernels read it: packed in groups of eight rows
+    for the row-group kernels, None for the others (they read raw)."""
+    if not route(ggml_type).packed:
+        return None
+    return pack_rows(raw, GGML_QUANT_SIZES[T(int(ggml_type))][1])
+
+
+def matmul_raw(x: np.ndarray, raw: np.ndarray, ggml_type: int, n_out: int,
+               packed: np.ndarray | None = None) -> np.ndarray:
+    """x (T, n_in) float32 C-contiguous, raw (n_out, row_bytes) -> (T, n_out) float32.
+    ``packed``: pack(raw, ggml_type) where the type has it (made here if not given)."""
     rt = route(ggml_type)
+    if rt.packed and packed is None:
+        packed = pack(raw, ggml_type)
     n_tok, n_in = x.shape
     out = np.empty((n_tok, n_out), np.float32)
     if n_tok == 0 or n_out == 0:
@@ -86,12 +110,13 @@ def matmul_raw(x: np.ndarray, raw: np.ndarray, ggml_type: int, n_out: int) -> np
         return out
     for t0 in range(0, n_tok, TOKEN_TILE):
         t1 = min(n_tok, t0 + TOKEN_TILE)
-        _product(rt, x[t0:t1], raw, out[t0:t1])
+        _product(rt, int(ggml_type), x[t0:t1], raw if packed is None else packed, out[t0:t1])
     return out
 
 
-def _product(rt: Route, x: np.ndarray, raw: np.ndarray, out: np.ndarray) -> None:
-    """out (T, n_out) = x (T, n_in) @ W.T for a quantized or 16-bit weight type."""
+def _product(rt: Route, ggml_type: int, x: np.ndarray, raw: np.ndarray, out: np.ndarray) -> None:
+    """out (T, n_out) = x (T, n_in) @ W.T for a quantized or 16-bit weight type; ``raw``
+    packed where the route says so."""
     n_tok, n_in = x.shape
     n_out = out.shape[1]
     work = raw.nbytes * n_tok
@@ -103,12 +128,22 @@ def _product(rt: Route, x: np.ndarray, raw: np.ndarray, out: np.ndarray) -> None
         else:
             run_rows(rt.prefill, (w16, tokens_last(xr), out), n_out, work, ROWS)
         return
-    xq, xd, *extra = act_quant.quantize(x, rt.vec_dot_type)
-    if n_tok <= DECODE_MAX_TOKENS:
-        run_rows(rt.decode, (raw, xq, xd, *extra, out, rt.qk), n_out, work)
+    xq, xd, *extra = act_quant.quantize(x, rt.vec_dot_type)   # raw is packed here
+    auxf = extra[0] if rt.vec_dot_type == "q8_1" else _NO_AUX_F
+    auxi = extra[0] if rt.vec_dot_type == "q8_K" else _NO_AUX_I
+    args = (raw, xq, xd, auxf, auxi, out)
+    pool = None
+    if work >= decode_pool.MIN_BYTES and out.size <= decode_pool.MAX_OUT:
+        pool = decode_pool.get_pool(get_threads())
+    if pool is not None:
+        pool.product(rt.rows, args)
+    elif n_tok <= DECODE_MAX_TOKENS:
+        rt.rows(*args, 0, n_out)
     else:
-        args = (raw, tokens_last(xq), tokens_last(xd), *(tokens_last(e) for e in extra), out, rt.qk)
-        run_rows(rt.prefill, args, n_out, work, ROWS)
+        run_rows(rt.rows, args, n_out, work, PACK_ROWS)
+
+
+_NO_AUX_F, _NO_AUX_I = np.zeros((1, 1), np.float32), np.zeros((1, 1), np.int32)
 
 
 def get_rows_raw(raw: np.ndarray, ggml_type: int, n_in: int, ids: np.ndarray) -> np.ndarray:

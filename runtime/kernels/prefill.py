@@ -1,16 +1,11 @@
-"""Shared inner loops of the matrix-matrix (prefill) kernels.
+"""Shared inner loops of the F16 / BF16 matrix-matrix (prefill) kernels (dot_float.py).
 
-A prefill kernel takes four weight rows at a time. For each block it unpacks the four
-rows' quants into ``w`` (4, qk) float32 (small integers, exact), then multiplies them
-with the block's activations for *all* tokens at once: the activations are laid out
-tokens-last, ``xT`` (n_in, Tp) float32 holding the int8 quants (Tp = tokens padded to
-a multiple of 16), so the innermost loop runs over tokens, vectorizes without any
-horizontal sum, and loads each activation vector once for four rows.
-
-The float32 sums are exact: every product is an integer below 2^19 and every partial
-sum of one sub-block (at most 32 products, <= 16.6 million) stays below 2^24, so the
-order of the additions (and fused multiply-adds) cannot change a bit. Sub-block sums
-are carried to int32 before they are combined, as ggml's integer dot products are.
+A prefill kernel takes four weight rows at a time, widened to float32 in ``w`` (4, n),
+and multiplies them with the activations of *all* tokens at once: the activations are
+laid out tokens-last, ``xT`` (n_in, Tp) float32 (Tp = tokens padded to a multiple of
+16), so the innermost loop runs over tokens, vectorizes without any horizontal sum, and
+loads each activation vector once for four rows. (The quantized types' kernels are the
+row-group kernels of _rows.py.)
 """
 
 from __future__ import annotations
@@ -18,7 +13,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from ggforge.runtime.kernels._jit import F, I, U
+from ggforge.runtime.kernels._jit import U
 
 ROWS = 4  # weight rows per iteration of a prefill kernel
 
@@ -61,39 +56,11 @@ def fma4(w, j0, n, xT, k0, sub):
 
 
 @helper
-def int_sums(w, n_sub, sub_len, xT, k0, sub, isum):
-    """isum[i, t] = sum over ``n_sub`` sub-blocks of their exact float sums, in int32."""
-    isum[:, :] = 0
-    for g in range(n_sub):
-        sub[:, :] = 0
-        fma4(w, g * sub_len, sub_len, xT, k0 + g * sub_len, sub)
-        for i in range(4):
-            for t in range(sub.shape[1]):
-                isum[i, t] = I(isum[i, t] + I(sub[i, t]))
-
-
-@helper
-def scale_add(acc, d, sums, xdT, b):
-    """acc[i, t] += (d[i] * xd[b, t]) * sums[i, t]: ggml's ``sumf += sumi*(dx*dy)``."""
-    for i in range(4):
-        di = d[i]
-        for t in range(acc.shape[1]):
-            acc[i, t] += (di * xdT[b, t]) * F(sums[i, t])
-
-
-@helper
 def store(acc, out, r, r1):
     """out[t, r + i] = acc[i, t] for the rows below r1 and the real tokens."""
     for i in range(min(4, r1 - r)):
         for t in range(out.shape[0]):
             out[t, r + i] = acc[i, t]
-
-
-@helper
-def work(qk, tp):
-    """Scratch of one prefill thread: w (4, qk), sub, acc (4, tp), d, m (4,)."""
-    return (np.empty((4, qk), np.float32), np.empty((4, tp), np.float32),
-            np.zeros((4, tp), np.float32), np.empty(4, np.float32), np.empty(4, np.float32))
 
 
 def tokens_last(a: np.ndarray, dtype=np.float32) -> np.ndarray:

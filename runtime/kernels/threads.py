@@ -3,6 +3,7 @@
 The kernels release the GIL, so plain Python threads run them in parallel. The calling
 thread takes the last range itself; a small product runs on the caller alone, because
 waking a thread costs tens of microseconds, as much as a 576 x 576 matrix-vector product.
+(The decode products of most quantized types take pool.py's spinning workers instead.)
 """
 
 from __future__ import annotations
