@@ -308,18 +308,17 @@ class GpuLayers:
 
     def _capture(self, x: np.ndarray, p: int, cache: GpuCache, n_attn: int) -> tuple:
         """Warm up (compiles kernels) on a side stream, then capture one decode step."""
-        if True:  # noqa: SIM108 (keeps the capture block together)
-            x_in = torch.zeros((1, self.config.n_embd), dtype=torch.float32, device=self.device)
-            pos_in = torch.zeros((1,), dtype=torch.int64, device=self.device)
-            x_in.copy_(torch.from_numpy(np.ascontiguousarray(x, np.float32)))
-            pos_in.fill_(p)
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up: compile kernels outside the capture
-                self._run(x_in, pos_in, cache, n_attn, True)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                out = self._run(x_in, pos_in, cache, n_attn, True)
-            entry = cache.graphs[n_attn] = (graph, x_in, pos_in, out)
-        return entry
+        x_in = torch.zeros((1, self.config.n_embd), dtype=torch.float32, device=self.device)
+        pos_in = torch.zeros((1,), dtype=torch.int64, device=self.device)
+        x_in.copy_(torch.from_numpy(np.ascontiguousarray(x, np.float32)))
+        pos_in.fill_(p)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up: compile kernels outside the capture
+            self._run(x_in, pos_in, cache, n_attn, True)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = self._run(x_in, pos_in, cache, n_attn, True)
+        cache.graphs[n_attn] = (graph, x_in, pos_in, out)
+        return cache.graphs[n_attn]
