@@ -121,7 +121,18 @@ class GGUFFile:
         except BaseException:
             g.close()
             raise
+        g._drop_header_pages()
         return g
+
+    def _drop_header_pages(self) -> None:
+        """The header now lives as Python objects: let the kernel drop its mapped pages
+        (a 262k-token vocabulary is megabytes). Read-only file pages: re-read if touched."""
+        end = self.data_offset // mmap.PAGESIZE * mmap.PAGESIZE
+        if end > 0 and hasattr(mmap, "MADV_DONTNEED") and hasattr(self._mm, "madvise"):
+            try:
+                self._mm.madvise(mmap.MADV_DONTNEED, 0, end)
+            except (OSError, ValueError):
+                pass
 
     def __enter__(self) -> GGUFFile:
         return self

@@ -51,6 +51,12 @@ MODELS: dict[str, TinyModel] = {m.name: m for m in [
     TinyModel("gemma3", "Gemma3TextConfig", "gemma3-spm",
               dict(num_hidden_layers=6, head_dim=64, query_pre_attn_scalar=64, sliding_window=4,
                    rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh")),
+    # Gemma-3-270M's layer shapes (rows of 640: K-quants fall back to Q5_0/Q8_0), six layers:
+    # tens of MiB of weights, for memory measurements
+    TinyModel("gemma3-wide", "Gemma3TextConfig", "gemma3-spm",
+              dict(hidden_size=640, intermediate_size=2048, num_hidden_layers=6, num_attention_heads=4,
+                   num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256, sliding_window=64,
+                   rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh")),
 ]}
 
 ARCHITECTURES = {"LlamaConfig": "LlamaForCausalLM", "MistralConfig": "MistralForCausalLM",

@@ -439,6 +439,29 @@ def test_pack_rows_interleaves_groups_of_eight_block_by_block():
     np.testing.assert_array_equal(group[:, 3:], np.repeat(group[:, 2:3], 5, axis=1))  # padding
 
 
+def test_pack_rows_in_chunks_is_the_same_and_reports_every_row(monkeypatch):
+    from ggforge.runtime.kernels import _rows
+    raw = np.random.default_rng(3).integers(0, 256, (43, 12), dtype=np.uint8)   # 6 groups
+    whole = _rows.pack_rows(raw, 4)
+    monkeypatch.setattr(_rows, "PACK_CHUNK_BYTES", 2 * 8 * 12)                  # 2 groups a chunk
+    seen = []
+    np.testing.assert_array_equal(_rows.pack_rows(raw, 4, lambda r0, r1: seen.append((r0, r1))),
+                                  whole)
+    assert seen == [(0, 16), (16, 32), (32, 43)]
+
+
+@pytest.mark.parametrize("qtype", LEGACY + SUPER)
+def test_get_rows_after_packing_reads_the_copy_and_gives_the_same_rows(qtype):
+    w = np.random.default_rng(9).standard_normal((N_OUT, 512)).astype(np.float32)
+    raw = quantize(w, qtype, name=f"test.{qtype}")
+    qw = QWeight(raw, int(Q[qtype]), 512, N_OUT)
+    ids = np.array([0, 36, 5, 5, 17, 32, 7, 8])          # 32..36: the padded last group
+    before = get_rows(qw, ids)
+    assert qw.packed() is not None
+    raw.fill(0)   # the copy, not the raw bytes, is read now
+    np.testing.assert_array_equal(get_rows(qw, ids), before)
+
+
 def test_pool_chooser_keeps_the_faster_way():
     from ggforge.runtime.kernels.pool import Chooser
     c = Chooser(round_jobs=4)

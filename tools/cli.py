@@ -15,7 +15,7 @@ from gguf import GGUFValueType as V
 
 from ggforge.formats.gguf_writer import KV
 from ggforge.tools.errors import one_line_errors
-from ggforge.tools.run_cli import bench_cmd, chat_cmd, run_cmd
+from ggforge.tools.run_cli import bench_cmd, chat_cmd, memory_cmd, run_cmd
 from ggforge.tools.table import format_table, human_bytes
 
 def parse_meta(text: str) -> KV:
@@ -270,7 +270,7 @@ def bench_quantize_cmd(source: str, types: str, repeat: int, workdir: str | None
                              "llama.cpp Mparam/s", "ratio"], rows))
 
 
-for _cmd in (quantize_cmd, inspect_cmd, bench_quantize_cmd, run_cmd, chat_cmd, bench_cmd):
+for _cmd in (quantize_cmd, inspect_cmd, bench_quantize_cmd, run_cmd, chat_cmd, bench_cmd, memory_cmd):
     cli.add_command(_cmd)
 
 

@@ -171,3 +171,30 @@ def _bench_gpu(model, n_prompt: int, n_gen: int, repeat: int, threads: int | Non
         headers += ["llama.cpp pp", "llama.cpp tg", "pp ratio", "tg ratio"]
         rows = [r + [""] * (9 - len(r)) for r in rows]
     click.echo(format_table(headers, rows))
+
+
+@click.command("memory")
+@click.argument("model", type=click.Path())
+@click.option("-p", "--n-prompt", default=128, show_default=True, help="Prompt tokens (one prefill).")
+@click.option("-n", "--n-gen", default=64, show_default=True, help="Generated tokens (greedy).")
+@click.option("-c", "--ctx-size", type=int, default=None, help="KV cache size (default: prompt + generated).")
+@click.option("-t", "--threads", type=int, default=None, help="CPU threads (default: all).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object instead of the table.")
+@one_line_errors
+def memory_cmd(model: str, n_prompt: int, n_gen: int, ctx_size: int | None, threads: int | None,
+               as_json: bool) -> None:
+    """Resident memory of running MODEL on the CPU, stage by stage, over a code-only baseline."""
+    import json
+    from dataclasses import asdict
+
+    from ggforge.runtime import kernels
+    from ggforge.runtime.memory_report import format_report, measure, prime_kernel_cache
+
+    if threads:
+        kernels.set_threads(threads)
+    prime_kernel_cache(model, n_prompt)
+    rep = measure(model, n_prompt, n_gen, ctx_size)
+    if as_json:
+        click.echo(json.dumps({**asdict(rep), "growth": rep.growth, "ratio": rep.ratio(rep.growth)}))
+    else:
+        click.echo(format_report(rep))

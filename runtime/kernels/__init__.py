@@ -29,7 +29,8 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ggforge.formats.errors import FormatError, UnsupportedModelError
-from ggforge.runtime.kernels.dispatch import ROUTES, Route, get_rows_raw, matmul_raw, pack, route
+from ggforge.runtime.kernels.dispatch import (ROUTES, Route, get_rows_packed, get_rows_raw, matmul_raw,
+                                              pack, route)
 from ggforge.runtime.kernels.threads import get_threads, set_threads
 
 __all__ = ["QWeight", "matmul", "get_rows", "set_threads", "get_threads", "vec_dot_type",
@@ -90,24 +91,30 @@ class QWeight:
 
     def packed(self) -> np.ndarray | None:
         """The rows as the row-group kernels read them (dispatch.pack, an anonymous copy
-        made on first use), or None for a type whose kernels read ``raw`` in place."""
+        made on first use), or None for a type whose kernels read ``raw`` in place.
+
+        The copy replaces the mapped pages: they are dropped a few MiB at a time as they
+        are copied, so resident memory never holds both in full (an embedding lookup in a
+        tied table then reads the copy too: see get_rows)."""
         if not self._packed:
-            self._packed.append(pack(self.raw, self.ggml_type))
-            if self._packed[0] is not None and self.mapped:
-                _drop_pages(self.raw)   # the copy replaces them: keep RSS ~ one copy
+            done = (lambda r0, r1: _drop_rows(self.raw, r0, r1)) if self.mapped else None
+            self._packed.append(pack(self.raw, self.ggml_type, done))
         return self._packed[0]
 
 
-def _drop_pages(view: np.ndarray) -> None:
-    """Let the kernel drop the file-mapped pages under ``view`` (whole pages inside it).
-    Only for read-only file mappings: they are re-read from the file if touched again
-    (an embedding lookup), never zeroed."""
+def _drop_rows(view: np.ndarray, r0: int, r1: int) -> None:
+    """Let the kernel drop the file-mapped pages under rows r0..r1-1 of ``view`` (a
+    read-only file mapping: they are re-read from the file if touched again, never
+    zeroed). Pages shared with the bytes before or after ``view`` are kept; called for
+    consecutive row ranges, the ranges cover every whole page of the view."""
     import ctypes
     import mmap
 
     page = mmap.PAGESIZE
-    start = view.ctypes.data
-    lo, hi = -(-start // page) * page, (start + view.nbytes) // page * page
+    base, row = view.ctypes.data, view.strides[0]
+    first = -(-base // page) * page                      # the view's first whole page
+    lo = max(first, (base + r0 * row) // page * page)
+    hi = (base + r1 * row) // page * page
     if hi > lo and hasattr(mmap, "MADV_DONTNEED"):
         try:
             libc = ctypes.CDLL(None, use_errno=True)
@@ -136,6 +143,11 @@ def get_rows(w: QWeight, ids) -> np.ndarray:
     if ids.size and (ids.min() < 0 or ids.max() >= w.n_out):
         bad = int(ids[(ids < 0) | (ids >= w.n_out)][0])
         raise IndexError(f"get_rows: row {bad} is outside 0..{w.n_out - 1}")
+    if w._packed and w._packed[0] is not None:
+        # a tied embedding table, packed for the output head: read the rows from the copy,
+        # so that the mapped pages the copy replaced stay dropped (each touch of the map
+        # would bring back up to 64 KiB of it: the kernel maps pages around a fault)
+        return get_rows_packed(w._packed[0], w.ggml_type, w.n_in, ids)
     return get_rows_raw(w.raw, w.ggml_type, w.n_in, ids)
 
 

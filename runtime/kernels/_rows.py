@@ -40,6 +40,7 @@ tokens ``t`` .. ``min(t + n_tok - 1, t_last)``. It writes ``out[tokens, rows]``.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from typing import Callable
 
 import numpy as np
 from llvmlite import binding, ir
@@ -49,6 +50,8 @@ from numba.extending import intrinsic
 from ggforge.runtime.kernels._jit import F4M, I4M, I8M, RAW, i64
 
 ROWS = 8  # weight rows per call: the float32 lanes of one 256-bit register
+# pack_rows copies this many bytes at a time (then the caller may drop their source pages)
+PACK_CHUNK_BYTES = 4 << 20
 TB = 8    # tokens per call of the prefill kernels (each unpacked block serves TB tokens)
 # The kernels built on these intrinsics: (packed, xq, xd, auxf, auxi, out, r0, r1).
 ROWS_SIG = types.void(RAW, I8M, F4M, F4M, I4M, F4M, i64, i64)
@@ -300,13 +303,28 @@ def rows_intrinsic(name, block_bytes, unpack, dot, n_tok=1):
     return intrinsic(typer)
 
 
-def pack_rows(raw: np.ndarray, block_bytes: int) -> np.ndarray:
+def pack_rows(raw: np.ndarray, block_bytes: int,
+              done: Callable[[int, int], None] | None = None) -> np.ndarray:
     """(n_rows, row_bytes) -> (ceil(n_rows / 8), 8 x row_bytes): each group of eight rows
     interleaved block by block (block b of rows 0..7, then block b + 1, ...); the last
-    group padded with copies of the last row."""
+    group padded with copies of the last row.
+
+    Copied a few MiB at a time, with no full-size temporary; ``done(r0, r1)`` is told when
+    rows r0..r1-1 have been copied (QWeight drops their mapped pages then, so that the
+    source and the copy are never both resident in full)."""
     n, row_bytes = raw.shape
-    pad = -n % ROWS
-    if pad:
-        raw = np.concatenate([raw, np.repeat(raw[-1:], pad, axis=0)])
-    groups = raw.reshape(-1, ROWS, row_bytes // block_bytes, block_bytes)
-    return np.ascontiguousarray(groups.transpose(0, 2, 1, 3)).reshape(-1, ROWS * row_bytes)
+    nb = row_bytes // block_bytes
+    n_groups = -(-n // ROWS)
+    out = np.empty((n_groups, ROWS * row_bytes), np.uint8)
+    step = max(1, PACK_CHUNK_BYTES // max(1, ROWS * row_bytes))   # groups per chunk
+    for g0 in range(0, n_groups, step):
+        g1 = min(n_groups, g0 + step)
+        r0, r1 = g0 * ROWS, min(n, g1 * ROWS)
+        src = raw[r0:r1]
+        if r1 - r0 < (g1 - g0) * ROWS:   # the last group: pad with the last row
+            src = np.concatenate([src, np.repeat(src[-1:], (g1 - g0) * ROWS - (r1 - r0), axis=0)])
+        dst = out[g0:g1].reshape(g1 - g0, nb, ROWS, block_bytes)   # a view: written in place
+        dst[...] = src.reshape(g1 - g0, ROWS, nb, block_bytes).transpose(0, 2, 1, 3)
+        if done is not None:
+            done(r0, r1)
+    return out.reshape(-1, ROWS * row_bytes)

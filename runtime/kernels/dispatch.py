@@ -86,12 +86,13 @@ def route(ggml_type: int) -> Route:
     return r
 
 
-def pack(raw: np.ndarray, ggml_type: int) -> np.ndarray | None:
+def pack(raw: np.ndarray, ggml_type: int, done=None) -> np.ndarray | None:
     """raw (n_out, row_bytes) as the type's kernels read it: packed in groups of eight rows
-    for the row-group kernels, None for the others (they read raw)."""
+    for the row-group kernels, None for the others (they read raw). ``done(r0, r1)``: see
+    _rows.pack_rows."""
     if not route(ggml_type).packed:
         return None
-    return pack_rows(raw, GGML_QUANT_SIZES[T(int(ggml_type))][1])
+    return pack_rows(raw, GGML_QUANT_SIZES[T(int(ggml_type))][1], done)
 
 
 def matmul_raw(x: np.ndarray, raw: np.ndarray, ggml_type: int, n_out: int,
@@ -151,3 +152,12 @@ def get_rows_raw(raw: np.ndarray, ggml_type: int, n_in: int, ids: np.ndarray) ->
     route(ggml_type)
     picked = raw[ids]  # (n, row_bytes): only the rows asked for are read
     return dequantize(picked, int(ggml_type), (len(ids), n_in))
+
+
+def get_rows_packed(packed: np.ndarray, ggml_type: int, n_in: int, ids: np.ndarray) -> np.ndarray:
+    """get_rows_raw reading from pack(raw, ggml_type): the same bytes, the same result."""
+    block_bytes = GGML_QUANT_SIZES[T(int(ggml_type))][1]
+    n_blocks = packed.shape[1] // PACK_ROWS // block_bytes
+    groups = packed.reshape(-1, n_blocks, PACK_ROWS, block_bytes)   # (group, block, lane, byte)
+    picked = groups[ids // PACK_ROWS, :, ids % PACK_ROWS, :]        # (n, block, byte)
+    return dequantize(picked.reshape(len(ids), -1), int(ggml_type), (len(ids), n_in))

@@ -16,11 +16,16 @@ SPACE = "\u2581".encode()
 
 
 class SpmModel:
-    """Scores and vocabulary of one SentencePiece-style tokenizer (texts as UTF-8 bytes,
-    because the symbols of invalid UTF-8 input are byte runs, not characters)."""
+    """Scores and vocabulary of one SentencePiece-style tokenizer.
 
-    def __init__(self, tokens: list[str], scores: list[float]):
-        self.token_to_id = {t.encode("utf-8"): i for i, t in enumerate(tokens)}
+    The symbols of invalid UTF-8 input are byte runs, not characters; they are held as
+    str with each undecodable byte as a lone surrogate (errors="surrogateescape"), so the
+    vocabulary's own str -> id map serves for lookups (a second map keyed by bytes would
+    cost ~30 MiB for a 262k-token vocabulary). A symbol holding a surrogate, and any
+    concatenation containing it, is invalid UTF-8 as bytes too: neither matches a token."""
+
+    def __init__(self, token_to_id: dict[str, int], scores):
+        self.token_to_id = token_to_id   # shared with the Vocab
         self.scores = scores
         self._byte_ids: dict[int, int] = {}
 
@@ -51,7 +56,7 @@ class SpmModel:
             # stale: a side was merged away, or grew (then the total length differs)
             if not a or not b or len(a) + len(b) != size:
                 continue
-            sym[left], sym[right] = a + b, b""
+            sym[left], sym[right] = a + b, ""
             nxt[left] = nxt[right]
             if nxt[right] >= 0:
                 prv[nxt[right]] = left
@@ -65,16 +70,16 @@ class SpmModel:
                 if tid is not None:
                     out.append(tid)
                 else:
-                    out.extend(self.byte_token(b) for b in s)
+                    out.extend(self.byte_token(b) for b in s.encode("utf-8", "surrogateescape"))
         return out
 
     def byte_token(self, byte: int) -> int:
         """<0xXX>, else the one-byte token text (llama_vocab::byte_to_token)."""
         tid = self._byte_ids.get(byte)
         if tid is None:
-            tid = self.token_to_id.get(f"<0x{byte:02X}>".encode())
-            if tid is None:
-                tid = self.token_to_id.get(bytes([byte]))
+            tid = self.token_to_id.get(f"<0x{byte:02X}>")
+            if tid is None and byte < 0x80:   # a token whose text is that one byte
+                tid = self.token_to_id.get(chr(byte))
             if tid is None:
                 raise FormatError(f"tokenizer.ggml.tokens has no byte token <0x{byte:02X}> (nor the byte "
                                   "itself) to spell text the vocabulary cannot; the vocabulary is incomplete")
@@ -82,15 +87,16 @@ class SpmModel:
         return tid
 
 
-def _symbols(text: bytes) -> list[bytes]:
-    """One symbol per UTF-8 sequence, its length read from the lead byte alone."""
+def _symbols(text: bytes) -> list[str]:
+    """One symbol per UTF-8 sequence, its length read from the lead byte alone (bytes
+    that do not decode as lone surrogates)."""
     try:
-        return [c.encode("utf-8") for c in text.decode("utf-8")]
+        return list(text.decode("utf-8"))
     except UnicodeDecodeError:
         pass
     out, i, n = [], 0, len(text)
     while i < n:
         k = min(utf8_len(text[i]), n - i)
-        out.append(text[i:i + k])
+        out.append(text[i:i + k].decode("utf-8", "surrogateescape"))
         i += k
     return out

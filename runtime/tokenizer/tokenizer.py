@@ -52,7 +52,7 @@ class Tokenizer:
         set_strip_attributes(vocab, md, specials)
         add_prefix = md.get(K + "add_space_prefix")
         if kind == "llama":
-            model: SpmModel | BpeModel = SpmModel(vocab.tokens, vocab.scores)
+            model: SpmModel | BpeModel = SpmModel(vocab.token_to_id, vocab.scores)
             pre_name, add_bos, space, clean = None, True, True, False
         else:
             pre_name = md.get(K + "pre") or "default"  # llama.cpp's fallback, with a warning

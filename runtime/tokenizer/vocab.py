@@ -7,6 +7,7 @@ and control attributes for tokens that look special. Those rules are tables here
 from __future__ import annotations
 
 import logging
+from array import array
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,7 +65,7 @@ class Vocab:
     """Tokens, per-token attributes and the special ids, after llama.cpp's load rules."""
     model: str                       # tokenizer.ggml.model: "llama" or "gpt2"
     tokens: list[str]
-    scores: list[float]
+    scores: array                    # float64 (array('d'))
     attrs: list[int]
     token_to_id: dict[str, int]
     ids: dict[str, int | None]       # role -> id (None: the vocabulary has none)
@@ -82,7 +83,8 @@ def read_vocab(md: dict[str, Any], model: str) -> Vocab:
         raise FormatError(f"{K}tokens is missing or not an array of strings; the file has no usable vocabulary")
     n = len(tokens)
     # llama.cpp gives an empty token a placeholder text
-    tokens = [t if t else f"[EMPTY_{i}]" for i, t in enumerate(tokens)]
+    if not all(tokens):
+        tokens = [t if t else f"[EMPTY_{i}]" for i, t in enumerate(tokens)]
     scores = _array(md, "scores", n, 0.0)
     types = _array(md, "token_type", n, 1)
     token_to_id = dict(zip(tokens, range(n)))
@@ -114,10 +116,11 @@ def _array(md: dict[str, Any], name: str, n: int, default: float) -> list:
     if value is None:
         return [default] * n
     values = value.tolist() if hasattr(value, "tolist") else list(value)  # numpy -> Python numbers
-    values = [float(v) for v in values] if isinstance(default, float) else [int(v) for v in values]
     if len(values) < n:
         raise FormatError(f"{K}{name} has {len(values)} entries for {n} tokens; the file is inconsistent")
-    return values[:n]
+    if isinstance(default, float):  # 8 bytes a score, not a 24-byte float object each
+        return array("d", (float(v) for v in values[:n]))
+    return [int(v) for v in values[:n]]
 
 
 def apply_text_rules(v: Vocab) -> None:
