@@ -17,7 +17,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from ggforge.runtime.kv_cache import ContextFullError
+from ggforge.runtime.kv_cache import ContextFullError, cache_dtype
 from ggforge.runtime.model import Model
 from ggforge.runtime.sampling import Sampler, SamplerSettings
 from ggforge.runtime.tokenizer import Tokenizer
@@ -29,7 +29,9 @@ class LoadedModel:
     """A model, its tokenizer and one KV cache."""
 
     def __init__(self, path: str | Path, *, n_ctx: int | None = None,
-                 gpu_layers: int | str = 0, gpu_memory: int | None = None, device=None):
+                 gpu_layers: int | str = 0, gpu_memory: int | None = None, device=None,
+                 cache_type_k: str = "f32", cache_type_v: str = "f32"):
+        self.cache_types = (cache_dtype(cache_type_k), cache_dtype(cache_type_v))  # checked first
         self.model = Model(path)  # checks the metadata before building anything on it
         try:
             self.tokenizer = Tokenizer.from_metadata(self.model.gguf.metadata)
@@ -42,7 +44,7 @@ class LoadedModel:
             if gpu_layers not in (0, "0"):
                 self.plan = plan_offload(self.model, self.n_ctx, gpu_layers, gpu_memory, device)
                 self.model.offload(self.plan.gpu_layers, device)
-            self.cache = self.model.new_cache(self.n_ctx)
+            self.cache = self.model.new_cache(self.n_ctx, *self.cache_types)
         except BaseException:
             self.model.close()
             raise
@@ -67,7 +69,7 @@ class LoadedModel:
     def eval(self, token_ids: Sequence[int]) -> np.ndarray:
         """Logits (n_tokens, n_vocab) of a whole sequence, from an empty cache."""
         ids = self._check_ids(token_ids)
-        cache = self.model.new_cache(len(ids))
+        cache = self.model.new_cache(len(ids), *self.cache_types)
         return self.model.forward(np.asarray(ids), cache, all_logits=True)
 
     def _check_ids(self, token_ids: Sequence[int]) -> list[int]:
@@ -175,11 +177,16 @@ def plan_offload(model: Model, n_ctx: int, gpu_layers: int | str, gpu_memory: in
 
 
 def load(path: str | Path, *, n_ctx: int | None = None, gpu_layers: int | str = 0,
-         gpu_memory: int | None = None, device=None) -> LoadedModel:
+         gpu_memory: int | None = None, device=None, cache_type_k: str = "f32",
+         cache_type_v: str = "f32") -> LoadedModel:
     """Map a GGUF model and its tokenizer, ready to generate.
 
     ``gpu_layers`` (a count as llama.cpp's --n-gpu-layers, 'all' or 'auto') offloads the
     last layers to a CUDA device (needs ``pip install 'ggforge[gpu]'``); ``gpu_memory``
-    overrides the free device memory the plan assumes.
+    overrides the free device memory the plan assumes. ``cache_type_k`` / ``cache_type_v``:
+    'f32' (the default: logits as llama.cpp's with an F32 cache) or 'f16' (half the memory,
+    llama.cpp's default, computed as llama.cpp computes it without flash attention) for the
+    CPU layers' KV cache.
     """
-    return LoadedModel(path, n_ctx=n_ctx, gpu_layers=gpu_layers, gpu_memory=gpu_memory, device=device)
+    return LoadedModel(path, n_ctx=n_ctx, gpu_layers=gpu_layers, gpu_memory=gpu_memory, device=device,
+                       cache_type_k=cache_type_k, cache_type_v=cache_type_v)

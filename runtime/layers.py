@@ -127,16 +127,22 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, mode: str) -> np
 
 
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray, scale: float,
-              window: int = 0) -> np.ndarray:
+              window: int = 0, *, k_f16: bool = False, v_f16: bool = False) -> np.ndarray:
     """Causal grouped-query attention over the cache.
 
     q: (n_tokens, n_head, d); k: (n_kv_tokens, n_head_kv, d); v: (n_kv_tokens, n_head_kv, dv);
     q_pos: (n_tokens,) positions of the queries; cache slot j holds position j.
     Returns (n_tokens, n_head * dv).
+
+    ``k_f16`` / ``v_f16``: the keys / values come from an F16 cache. llama.cpp (without
+    flash attention) then multiplies in F16 as ggml_mul_mat does: the queries are rounded
+    to F16 before K.q, the softmax weights to F16 before the product with V.
     """
     n_tok, n_head, _ = q.shape
     n_kv, n_head_kv, dv = v.shape
-    if n_tok <= ATTEND_MAX_TOKENS and q.dtype == k.dtype == v.dtype == F32:
+    if k_f16:
+        q = q.astype(np.float16).astype(F32)
+    if n_tok <= ATTEND_MAX_TOKENS and q.dtype == k.dtype == v.dtype == F32 and not v_f16:
         out = np.empty((n_tok, n_head * dv), F32)
         ew.attend(np.ascontiguousarray(q), np.ascontiguousarray(k), np.ascontiguousarray(v),
                   np.ascontiguousarray(q_pos, np.int64), F32(scale), int(window), out)
@@ -156,5 +162,7 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray, sc
         scores -= scores.max(axis=-1, keepdims=True)
         np.exp(scores, out=scores)
         scores /= scores.sum(axis=-1, keepdims=True, dtype=np.float64).astype(F32)
+        if v_f16:
+            scores = scores.astype(np.float16).astype(F32)
         out[:, h] = (scores @ v[:, h]).reshape(group, n_tok, dv).transpose(1, 0, 2)
     return out.reshape(n_tok, n_head * dv)

@@ -149,7 +149,7 @@ def write_twin(path: str | Path, out: str | Path) -> Path:
     return out
 
 
-def warm_up(path: str | Path, n_prompt: int) -> None:
+def warm_up(path: str | Path, n_prompt: int, cache_types: tuple[str, str] = ("f32", "f32")) -> None:
     """Compile and run every kernel ``path`` needs, on its twin (then closed)."""
     from ggforge.runtime.model import Model
 
@@ -157,7 +157,7 @@ def warm_up(path: str | Path, n_prompt: int) -> None:
         m = Model(write_twin(path, Path(tmp) / "twin.gguf"))
         try:
             ids = np.arange(n_prompt) % TWIN_VOCAB
-            cache = m.new_cache(n_prompt + 2)
+            cache = m.new_cache(n_prompt + 2, *cache_types)
             m.forward(ids, cache)                   # prefill kernels
             for i in range(2):                      # decode kernels
                 m.forward(ids[i:i + 1], cache)
@@ -175,6 +175,7 @@ class MemoryReport:
     kv_bytes: int
     n_prompt: int
     n_gen: int
+    kv_types: str = "f32/f32"   # keys/values
     stages: dict[str, dict[str, int]] = field(default_factory=dict)   # name -> Rss as bytes
     peak: int = 0                # VmHWM since the baseline (0: unknown)
 
@@ -195,31 +196,34 @@ class MemoryReport:
         return (grown - self.kv_bytes) / self.file_bytes
 
 
-def prime_kernel_cache(path: str | Path, n_prompt: int) -> None:
+def prime_kernel_cache(path: str | Path, n_prompt: int, cache_types: tuple[str, str] = ("f32", "f32")) -> None:
     """Run :func:`warm_up` in a child process, so that numba's disk cache holds every
     kernel before :func:`measure` runs: compiling in the measuring process would leave
     LLVM's memory in its baseline, and freed compiler memory for the model to reuse."""
     code = ("import sys; from ggforge.runtime.memory_report import warm_up; "
-            "warm_up(sys.argv[1], int(sys.argv[2]))")
-    subprocess.run([sys.executable, "-c", code, str(path), str(n_prompt)], check=True)
+            "warm_up(sys.argv[1], int(sys.argv[2]), tuple(sys.argv[3:5]))")
+    subprocess.run([sys.executable, "-c", code, str(path), str(n_prompt), *cache_types], check=True)
 
 
-def measure(path: str | Path, n_prompt: int = 128, n_gen: int = 64,
-            n_ctx: int | None = None) -> MemoryReport:
+def measure(path: str | Path, n_prompt: int = 128, n_gen: int = 64, n_ctx: int | None = None,
+            cache_types: tuple[str, str] = ("f32", "f32")) -> MemoryReport:
     """RSS after imports, the baseline (kernels warmed up on the twin), load, prefill of
     ``n_prompt`` tokens and ``n_gen`` greedy decode steps, in this process. The KV cache
-    holds ``n_ctx`` tokens (default n_prompt + n_gen: all of it written)."""
+    holds ``n_ctx`` tokens (default n_prompt + n_gen: all of it written), keys and values
+    of ``cache_types`` ('f32' or 'f16')."""
     from ggforge.runtime import kernels  # noqa: F401  (numba and the kernels: code)
     from ggforge.runtime.generate import load
 
     path = Path(path)
     imports = rss_now()
-    warm_up(path, n_prompt)
+    warm_up(path, n_prompt, cache_types)
     base = rss_now()
     reset_peak()
-    m = load(path, n_ctx=n_ctx or n_prompt + n_gen)
+    m = load(path, n_ctx=n_ctx or n_prompt + n_gen, cache_type_k=cache_types[0],
+             cache_type_v=cache_types[1])
     try:
-        rep = MemoryReport(str(path), path.stat().st_size, m.cache.nbytes, n_prompt, n_gen)
+        rep = MemoryReport(str(path), path.stat().st_size, m.cache.nbytes, n_prompt, n_gen,
+                           f"{m.cache.k.dtype.name}/{m.cache.v.dtype.name}".replace("float", "f"))
         rep.add("imports", imports)
         rep.add("baseline", base)
         rep.add("load", rss_now())
@@ -243,7 +247,7 @@ def format_report(rep: MemoryReport) -> str:
               "prefill": f"prefill {rep.n_prompt} tokens",
               "generate": f"generate {rep.n_gen} tokens"}
     lines = [f"{rep.path}: file {rep.file_bytes / MiB:.1f} MiB, KV cache "
-             f"{rep.kv_bytes / MiB:.1f} MiB ({rep.n_prompt + rep.n_gen} tokens)",
+             f"{rep.kv_bytes / MiB:.1f} MiB ({rep.n_prompt + rep.n_gen} tokens, {rep.kv_types})",
              f"{'stage':36s}{'RSS':>8s}{'anon':>8s}{'file':>8s}{'- base':>8s}   (MiB)"]
     for name, s in rep.stages.items():
         lines.append(f"{labels[name]:36s}{s['rss'] / MiB:8.1f}{s['anon'] / MiB:8.1f}"
@@ -271,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-n", "--n-gen", type=int, default=64)
     ap.add_argument("-c", "--ctx-size", type=int, default=None)
     ap.add_argument("-t", "--threads", type=int, default=None)
+    ap.add_argument("-ctk", "--cache-type-k", default="f32", choices=["f32", "f16"])
+    ap.add_argument("-ctv", "--cache-type-v", default="f32", choices=["f32", "f16"])
     ap.add_argument("--json", action="store_true", help="one JSON object instead of the table")
     ap.add_argument("--no-prime", action="store_true",
                     help="measure without first filling numba's cache in a child process")
@@ -279,8 +285,8 @@ def main(argv: list[str] | None = None) -> int:
         from ggforge.runtime import kernels
         kernels.set_threads(a.threads)
     if not a.no_prime:
-        prime_kernel_cache(a.model, a.n_prompt)
-    rep = measure(a.model, a.n_prompt, a.n_gen, a.ctx_size)
+        prime_kernel_cache(a.model, a.n_prompt, (a.cache_type_k, a.cache_type_v))
+    rep = measure(a.model, a.n_prompt, a.n_gen, a.ctx_size, (a.cache_type_k, a.cache_type_v))
     if a.json:
         print(json.dumps({**asdict(rep), "growth": rep.growth, "ratio": rep.ratio(rep.growth)}))
     else:

@@ -142,9 +142,11 @@ class Model:
             ))
 
     # -- forward ----------------------------------------------------------------------
-    def new_cache(self, n_ctx: int, dtype=np.float32) -> KVCache:
+    def new_cache(self, n_ctx: int, dtype="f32", v_dtype=None) -> KVCache:
+        """A KV cache of ``n_ctx`` positions, keys as ``dtype`` and values as ``v_dtype``
+        ('f32' or 'f16'; values default to the keys' type)."""
         c = self.config
-        cache = KVCache(self.n_cpu_layers, n_ctx, c.n_head_kv, c.head_dim, c.head_dim_v, dtype)
+        cache = KVCache(self.n_cpu_layers, n_ctx, c.n_head_kv, c.head_dim, c.head_dim_v, dtype, v_dtype)
         if self.gpu is not None:
             cache.gpu = self.gpu.new_cache(n_ctx)
         return cache
@@ -211,7 +213,8 @@ class Model:
         if c.traits.q_scale_on_q:
             q, scale = q * F32(c.attn_scale), 1.0
         keys, values = cache.store(il, pos[0], k, v)
-        a = attention(q, keys, values, pos, scale, window)               # (n, n_head * dv)
+        a = attention(q, keys, values, pos, scale, window,
+                      k_f16=cache.k_f16, v_f16=cache.v_f16)             # (n, n_head * dv)
         o = kernels.matmul(a, L.wo)
         if L.post_attn_norm is not None:
             o = rms_norm(o, L.post_attn_norm, c.eps)

@@ -9,17 +9,19 @@ import pytest
 llama_cpp = pytest.importorskip("llama_cpp")
 
 
-def load(path: Path, n_ctx: int = 256):
+def load(path: Path, n_ctx: int = 256, cache: str = "f32"):
     """A llama.cpp context over `path`, all logits kept, 2 threads, F32 KV cache (llama.cpp's
-    default F16 cache would add its own rounding to every comparison)."""
+    default F16 cache would add its own rounding to every comparison; cache="f16" asks for
+    it, without flash attention)."""
+    t = {"f32": llama_cpp.GGML_TYPE_F32, "f16": llama_cpp.GGML_TYPE_F16}[cache]
     return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
                            n_threads=2, logits_all=True, verbose=False, seed=0,
-                           type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
+                           type_k=t, type_v=t, flash_attn=False)
 
 
-def logits(path: Path, token_ids: list[int]) -> np.ndarray:
+def logits(path: Path, token_ids: list[int], cache: str = "f32") -> np.ndarray:
     """llama.cpp's logits (n_tokens, n_vocab) for one sequence."""
-    llm = load(path)
+    llm = load(path, cache=cache)
     try:
         llm.eval(token_ids)
         return np.array(llm.scores[: len(token_ids)], dtype=np.float32)
@@ -27,7 +29,7 @@ def logits(path: Path, token_ids: list[int]) -> np.ndarray:
         llm.close()
 
 
-def logits_stepwise(path: Path, token_ids: list[int]) -> np.ndarray:
+def logits_stepwise(path: Path, token_ids: list[int], cache: str = "f32") -> np.ndarray:
     """llama.cpp's logits computed one token at a time (its decode path).
 
     llama.cpp's CPU batch path is not always consistent with itself: on a Q8_0 file a row of
@@ -36,7 +38,7 @@ def logits_stepwise(path: Path, token_ids: list[int]) -> np.ndarray:
     the next activation quantization. Generation runs the one-token path, so that is the
     oracle for token-level comparisons.
     """
-    llm = load(path)
+    llm = load(path, cache=cache)
     try:
         rows = []
         for t in token_ids:

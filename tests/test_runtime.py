@@ -104,6 +104,57 @@ def test_cached_decoding_equals_full_recompute(gguf_file):
     np.testing.assert_allclose(np.concatenate(steps), full, rtol=0, atol=1e-4 * np.abs(full).max())
 
 
+def _rel(a, b) -> float:
+    return float(np.linalg.norm(np.asarray(a) - b) / np.linalg.norm(b))
+
+
+@pytest.mark.parametrize("arch", ["llama2", "qwen3"])
+def test_f16_cache_is_computed_as_llama_cpps(arch, gguf_file):
+    # F32 weights: the only rounding left is the cache's. llama.cpp (no flash attention)
+    # rounds K and V to F16, and the queries and softmax weights it multiplies them with.
+    path = gguf_file(arch, "F32")
+    ids = [int(t) for t in np.random.default_rng(1).integers(3, 600, 32)]
+    ll32 = llama_oracle.logits(path, ids)
+    ll16, ll16_steps = llama_oracle.logits(path, ids, "f16"), llama_oracle.logits_stepwise(path, ids, "f16")
+    with load(path, n_ctx=64, cache_type_k="f16", cache_type_v="f16") as m:
+        assert m.cache.k.dtype == m.cache.v.dtype == np.float16
+        assert m.cache.nbytes * 2 == m.model.new_cache(64).nbytes
+        ours = m.eval(ids)
+        steps = np.stack([m.model.forward(np.asarray([t]), m.cache)[-1] for t in ids])
+    with load(path, n_ctx=64, cache_type_k="f16") as m:   # keys F16, values F32
+        assert m.cache.k.dtype == np.float16 and m.cache.v.dtype == np.float32
+    gap = _rel(ll16, ll32)                      # what an F16 cache changes: ~6e-4
+    assert gap > 1e-4
+    # Batched and one-token evaluation differ in their last float bits, which flip some F16
+    # roundings: llama.cpp's two paths differ from each other by 0.1-0.2 x gap, and ours
+    # likewise. Without the rounding of queries and softmax weights every comparison here
+    # is 0.6-0.85 x gap.
+    assert _rel(steps, ll16_steps) < 0.35 * gap
+    assert _rel(ours, ll16) < 0.35 * gap
+    assert _rel(steps, ll16) < 0.35 * gap
+
+
+def test_cache_types_are_checked(gguf_file):
+    with pytest.raises(ValueError, match="q8_0.*supported: f32, f16"):
+        load(gguf_file("llama2", "F32"), cache_type_k="q8_0")
+
+
+def test_cli_cache_type_options(gguf_file):
+    from click.testing import CliRunner
+
+    from ggforge.tools.cli import cli
+
+    path = gguf_file("qwen3", "Q4_K_M")
+    with load(path, cache_type_k="f16", cache_type_v="f16") as m:
+        want = "".join(m.generate(PROMPT, max_tokens=6, settings=GREEDY))
+    r = CliRunner().invoke(cli, ["run", str(path), "-p", PROMPT, "-n", "6", "--temp", "0",
+                                 "--repeat-last-n", "0", "-ctk", "f16", "--cache-type-v", "F16"])
+    assert r.exit_code == 0, r.output
+    assert r.output == want + "\n"
+    r = CliRunner().invoke(cli, ["run", str(path), "-p", "hi", "-ctk", "q4_0"])
+    assert r.exit_code != 0 and "q4_0" in r.output
+
+
 def test_prompt_extending_the_last_reuses_the_cache(gguf_file):
     path = gguf_file("llama3", "Q8_0")
     with load(path) as m:

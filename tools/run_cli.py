@@ -25,8 +25,23 @@ def sampling_options(fn):
                      help="Layers on the GPU, counted as llama.cpp's --n-gpu-layers: N, 'all' or 'auto'."),
         click.option("--gpu-memory", default=None,
                      help="Plan with this much free GPU memory (e.g. 6GiB) instead of what the device reports."),
-    ]
+    ] + cache_type_options()
     for o in reversed(opts):
+        fn = o(fn)
+    return fn
+
+
+def cache_type_options() -> list:
+    """--cache-type-k / --cache-type-v, as llama.cpp's (whose default is f16)."""
+    return [click.option(f"-ct{kv}", f"--cache-type-{kv}", f"cache_type_{kv}", default="f32",
+                         show_default=True, type=click.Choice(["f32", "f16"], case_sensitive=False),
+                         help=f"CPU KV cache type for {'keys' if kv == 'k' else 'values'} "
+                              "(f16: half the memory, as llama.cpp's default).")
+            for kv in ("k", "v")]
+
+
+def cache_types(fn):
+    for o in reversed(cache_type_options()):
         fn = o(fn)
     return fn
 
@@ -49,7 +64,8 @@ def _load(path: str, kw: dict):
         kernels.set_threads(kw["threads"])
     mem = kw.get("gpu_memory")
     return load(path, n_ctx=kw.get("ctx_size"), gpu_layers=kw.get("gpu_layers") or 0,
-                gpu_memory=parse_bytes(mem) if mem else None)
+                gpu_memory=parse_bytes(mem) if mem else None,
+                cache_type_k=kw.get("cache_type_k") or "f32", cache_type_v=kw.get("cache_type_v") or "f32")
 
 
 @click.command("run")
@@ -180,9 +196,10 @@ def _bench_gpu(model, n_prompt: int, n_gen: int, repeat: int, threads: int | Non
 @click.option("-c", "--ctx-size", type=int, default=None, help="KV cache size (default: prompt + generated).")
 @click.option("-t", "--threads", type=int, default=None, help="CPU threads (default: all).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object instead of the table.")
+@cache_types
 @one_line_errors
 def memory_cmd(model: str, n_prompt: int, n_gen: int, ctx_size: int | None, threads: int | None,
-               as_json: bool) -> None:
+               as_json: bool, cache_type_k: str, cache_type_v: str) -> None:
     """Resident memory of running MODEL on the CPU, stage by stage, over a code-only baseline."""
     import json
     from dataclasses import asdict
@@ -192,8 +209,9 @@ def memory_cmd(model: str, n_prompt: int, n_gen: int, ctx_size: int | None, thre
 
     if threads:
         kernels.set_threads(threads)
-    prime_kernel_cache(model, n_prompt)
-    rep = measure(model, n_prompt, n_gen, ctx_size)
+    types = (cache_type_k.lower(), cache_type_v.lower())
+    prime_kernel_cache(model, n_prompt, types)
+    rep = measure(model, n_prompt, n_gen, ctx_size, types)
     if as_json:
         click.echo(json.dumps({**asdict(rep), "growth": rep.growth, "ratio": rep.ratio(rep.growth)}))
     else:
