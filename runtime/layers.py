@@ -142,10 +142,10 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray, sc
     n_kv, n_head_kv, dv = v.shape
     if k_f16:
         q = q.astype(np.float16).astype(F32)
-    if n_tok <= ATTEND_MAX_TOKENS and q.dtype == k.dtype == v.dtype == F32 and not v_f16:
+    if n_tok <= ATTEND_MAX_TOKENS and q.dtype == k.dtype == v.dtype == F32:
         out = np.empty((n_tok, n_head * dv), F32)
         ew.attend(np.ascontiguousarray(q), np.ascontiguousarray(k), np.ascontiguousarray(v),
-                  np.ascontiguousarray(q_pos, np.int64), F32(scale), int(window), out)
+                  np.ascontiguousarray(q_pos, np.int64), F32(scale), int(window), bool(v_f16), out)
         return out
     group = n_head // n_head_kv
     kv_pos = np.arange(n_kv)

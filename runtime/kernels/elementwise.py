@@ -15,6 +15,7 @@ import numpy as np
 from numba import types
 
 from ggforge.runtime.kernels._jit import FAST, F, F4M, i64, kernel
+from ggforge.runtime.kernels._simd import half as half_value
 from ggforge.runtime.kernels._simd import half_bits
 
 F1 = types.Array(types.float32, 1, "C")
@@ -67,10 +68,12 @@ def rope(x, cos, sin, neox, out):
                 out[t, h, i] = x[t, h, i]
 
 
-@kernel(types.void(F3, F3, F3, P1, f32, i64, F4M), fastmath=FAST)
-def attend(q, k, v, q_pos, scale, window, out):
+@kernel(types.void(F3, F3, F3, P1, f32, i64, types.boolean, F4M), fastmath=FAST)
+def attend(q, k, v, q_pos, scale, window, p_f16, out):
     """Causal grouped-query attention of a few queries over the cache (layers.attention):
-    softmax(q k^T * scale) v over the positions j <= q_pos (and q_pos - j < window)."""
+    softmax(q k^T * scale) v over the positions j <= q_pos (and q_pos - j < window).
+    ``p_f16``: the softmax weights are rounded to F16 before the product with V (an F16
+    value cache, as ggml_mul_mat converts them)."""
     n_head, d = q.shape[1], q.shape[2]
     n_kv, n_head_kv, dv = v.shape
     group = n_head // n_head_kv
@@ -97,5 +100,7 @@ def attend(q, k, v, q_pos, scale, window, out):
                 out[t, o + i] = 0
             for j in range(lo, hi):
                 pj = p[j] / norm
+                if p_f16:
+                    pj = half_value(half_bits(pj))
                 for i in range(dv):
                     out[t, o + i] += pj * v[j, hk, i]
