@@ -196,7 +196,8 @@ class MemoryReport:
         return (grown - self.kv_bytes) / self.file_bytes
 
 
-def prime_kernel_cache(path: str | Path, n_prompt: int, cache_types: tuple[str, str] = ("f32", "f32")) -> None:
+def prime_kernel_cache(path: str | Path, n_prompt: int,
+                       cache_types: tuple[str, str] = ("f32", "f32")) -> None:
     """Run :func:`warm_up` in a child process, so that numba's disk cache holds every
     kernel before :func:`measure` runs: compiling in the measuring process would leave
     LLVM's memory in its baseline, and freed compiler memory for the model to reuse."""
@@ -211,14 +212,13 @@ def measure(path: str | Path, n_prompt: int = 128, n_gen: int = 64, n_ctx: int |
     ``n_prompt`` tokens and ``n_gen`` greedy decode steps, in this process. The KV cache
     holds ``n_ctx`` tokens (default n_prompt + n_gen: all of it written), keys and values
     of ``cache_types`` ('f32' or 'f16')."""
-    from ggforge.runtime import kernels  # noqa: F401  (numba and the kernels: code)
-    from ggforge.runtime.generate import load
+    from ggforge.runtime.generate import load   # numba and the kernels too: code
 
     path = Path(path)
     imports = rss_now()
     warm_up(path, n_prompt, cache_types)
     base = rss_now()
-    reset_peak()
+    peak_known = reset_peak()   # else VmHWM would include the warm-up's
     m = load(path, n_ctx=n_ctx or n_prompt + n_gen, cache_type_k=cache_types[0],
              cache_type_v=cache_types[1])
     try:
@@ -233,7 +233,7 @@ def measure(path: str | Path, n_prompt: int = 128, n_gen: int = 64, n_ctx: int |
         for _ in range(n_gen):
             logits = m.model.forward(np.array([int(np.argmax(logits[-1]))]), m.cache)
         rep.add("generate", rss_now())
-        rep.peak = peak_rss()
+        rep.peak = peak_rss() if peak_known else 0
     finally:
         m.close()
     return rep
