@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ggforge.runtime.gpu import ops
+from ggforge.runtime.gpu.attn_kernels import decode_attention
 from ggforge.runtime.layers import rope_cache
 
 UBATCH = 512          # prompt tokens per pass (bounds attention scratch and the SWA ring)
@@ -67,11 +68,11 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mode: str) -> t
     return out
 
 
-def _attn_block(qkv, pos, cos_t, sin_t, kc, vc, pc, bq, bk, bv, q_norm, k_norm,
-                n_head: int, n_head_kv: int, d: int, dv: int, eps: float, rope: str,
-                q_scale_on_q: bool, attn_scale: float, window: int, size: int, m: int):
-    """From the fused q|k|v product to the attention output: biases, q/k norms, rope, the
-    cache write (cell pos % size), attention over the first m cells."""
+def _attn_prep(qkv, pos, cos_t, sin_t, kc, vc, pc, bq, bk, bv, q_norm, k_norm,
+               n_head: int, n_head_kv: int, d: int, dv: int, eps: float, rope: str,
+               q_scale_on_q: bool, attn_scale: float, size: int):
+    """From the fused q|k|v product to the queries: biases, q/k norms, rope, and the cache
+    write of keys and values (cell pos % size)."""
     n = qkv.shape[0]
     q, k, v = qkv.split([n_head * d, n_head_kv * d, n_head_kv * dv], dim=1)
     if bq is not None:
@@ -84,14 +85,13 @@ def _attn_block(qkv, pos, cos_t, sin_t, kc, vc, pc, bq, bk, bv, q_norm, k_norm,
     cos, sin = cos_t.index_select(0, pos), sin_t.index_select(0, pos)
     q = _rope(q, cos, sin, rope)
     k = _rope(k, cos, sin, rope)
-    scale = attn_scale
     if q_scale_on_q:
-        q, scale = q * attn_scale, 1.0
+        q = q * attn_scale
     slots = pos % size
     kc.index_copy_(0, slots, k)
     vc.index_copy_(0, slots, v)
     pc.index_copy_(0, slots, pos)
-    return _attention(q, kc[:m], vc[:m], pc[:m], pos, scale, window)
+    return q
 
 
 def _attention(q, keys, values, kv_pos, q_pos, scale: float, window: int) -> torch.Tensor:
@@ -130,7 +130,7 @@ def _end(x, f, post_ffn_norm, eps: float):
     return x + f
 
 
-EAGER = {"norm": _rms_norm, "attn": _attn_block, "mid": _mid, "act": _act, "end": _end}
+EAGER = {"norm": _rms_norm, "prep": _attn_prep, "mid": _mid, "act": _act, "end": _end}
 
 
 def compiled_glue() -> dict:
@@ -276,11 +276,17 @@ class GpuLayers:
         qkv = ops.matmul_group(h, L["qkv"])
         size, window = cache.sizes[i], cache.windows[i]
         cos_t, sin_t = self._ropes[c.is_swa(il)]
-        a = f["attn"](qkv, pos, cos_t, sin_t, cache.k[i], cache.v[i], cache.pos[i],
-                      L["bq"], L["bk"], L["bv"], L["q_norm"], L["k_norm"],
-                      c.n_head, c.n_head_kv, c.head_dim, c.head_dim_v, c.eps, c.traits.rope,
-                      c.traits.q_scale_on_q, c.attn_scale, window, size,
-                      size if window else min(size, n_attn))
+        kc, vc, pc = cache.k[i], cache.v[i], cache.pos[i]
+        q = f["prep"](qkv, pos, cos_t, sin_t, kc, vc, pc, L["bq"], L["bk"], L["bv"],
+                      L["q_norm"], L["k_norm"], c.n_head, c.n_head_kv, c.head_dim,
+                      c.head_dim_v, c.eps, c.traits.rope, c.traits.q_scale_on_q,
+                      c.attn_scale, size)
+        m = size if window else min(size, n_attn)
+        scale = 1.0 if c.traits.q_scale_on_q else c.attn_scale
+        if q.shape[0] == 1:   # decode: two Triton launches reading the cache in place
+            a = decode_attention(q, kc, vc, pc, pos, scale, window, m)
+        else:
+            a = _attention(q, kc[:m], vc[:m], pc[:m], pos, scale, window)
         o = ops.matmul(a, L["wo"])
         x, h = f["mid"](x, o, L["post_attn_norm"], L["ffn_norm"], c.eps)
         g = f["act"](ops.matmul_group(h, L["gate_up"]), c.n_ff, c.traits.act)

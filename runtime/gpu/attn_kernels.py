@@ -1,0 +1,107 @@
+"""Decode attention in two launches: one token's queries against the cache, read in place.
+
+The torch version (backend._attention) expands keys and values for grouped-query heads,
+then runs two cuBLAS products and a softmax: about seven kernels a layer, each a few
+microseconds, which for a small model cost more than its weights take to stream. Here:
+
+* ``_attn_split``: program (kv head, split of the cells). The ``g`` query heads that share
+  a kv head are one tile, so each key and value is read once; masked cells (a position
+  after the query's, an empty cell, outside the sliding window) score -inf. An online
+  softmax leaves a running max, sum and weighted sum of values per split.
+* ``_attn_combine``: program (query head): the splits rescaled to one max and summed.
+
+Float32 throughout, like the CPU backend; only the summation order differs.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_FLOOR = tl.constexpr(-1e30)  # a finite "no score yet": exp(_FLOOR - m) is 0, never NaN
+
+
+@triton.jit
+def _attn_split(q, kc, vc, pc, qpos_p, pm, pl, pacc, scale, window, m, n_head_kv, g,
+                CPS: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, G: tl.constexpr,
+                DP: tl.constexpr, DVP: tl.constexpr, BN: tl.constexpr):
+    h = tl.program_id(0)
+    s = tl.program_id(1)
+    n_split = tl.num_programs(1)
+    qpos = tl.load(qpos_p)
+    gi = tl.arange(0, G)
+    di = tl.arange(0, DP)
+    ei = tl.arange(0, DVP)
+    qt = tl.load(q + (h * g + gi)[:, None] * D + di[None, :],
+                 mask=(gi[:, None] < g) & (di[None, :] < D), other=0.0)          # (G, DP)
+    m_i = tl.full((G,), _FLOOR, tl.float32)
+    l_i = tl.zeros((G,), tl.float32)
+    acc = tl.zeros((G, DVP), tl.float32)
+    lo = s * CPS
+    hi = tl.minimum(lo + CPS, m)
+    for c0 in range(0, CPS, BN):
+        cells = lo + c0 + tl.arange(0, BN)
+        valid = cells < hi
+        cl = cells.to(tl.int64)
+        kt = tl.load(kc + (cl * n_head_kv + h)[:, None] * D + di[None, :],
+                     mask=valid[:, None] & (di[None, :] < D), other=0.0)        # (BN, DP)
+        cp = tl.load(pc + cl, mask=valid, other=-1)
+        ok = valid & (cp >= 0) & (cp <= qpos) & ((window == 0) | (qpos - cp < window))
+        sc = tl.sum(qt[:, None, :] * kt[None, :, :], axis=2) * scale            # (G, BN)
+        sc = tl.where(ok[None, :], sc, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(sc - m_new[:, None])
+        vt = tl.load(vc + (cl * n_head_kv + h)[:, None] * DV + ei[None, :],
+                     mask=valid[:, None] & (ei[None, :] < DV), other=0.0)       # (BN, DVP)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vt[None, :, :], axis=1)
+        m_i = m_new
+    base = h * n_split + s
+    tl.store(pm + base * G + gi, m_i)
+    tl.store(pl + base * G + gi, l_i)
+    tl.store(pacc + (base * G + gi)[:, None] * DVP + ei[None, :], acc)
+
+
+@triton.jit
+def _attn_combine(pm, pl, pacc, out, n_split, g, DV: tl.constexpr, G: tl.constexpr,
+                  DVP: tl.constexpr, SP: tl.constexpr):
+    hq = tl.program_id(0)
+    h = hq // g
+    j = hq % g
+    si = tl.arange(0, SP)
+    ei = tl.arange(0, DVP)
+    sm = si < n_split
+    base = (h * n_split + si) * G + j
+    ms = tl.load(pm + base, mask=sm, other=_FLOOR)
+    ls = tl.load(pl + base, mask=sm, other=0.0)
+    accs = tl.load(pacc + base[:, None] * DVP + ei[None, :], mask=sm[:, None], other=0.0)
+    w = tl.exp(ms - tl.max(ms, axis=0))
+    o = tl.sum(accs * w[:, None], axis=0) / tl.sum(ls * w, axis=0)
+    tl.store(out + hq * DV + ei, o, mask=ei < DV)
+
+
+def decode_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, pc: torch.Tensor,
+                     qpos: torch.Tensor, scale: float, window: int, m: int) -> torch.Tensor:
+    """Attention of one token: q (1, n_head, d) against the first m cells of the cache
+    (kc (cells, n_head_kv, d), vc (cells, n_head_kv, dv), pc (cells,) positions, -1 empty);
+    qpos (1,) the token's position. Returns (1, n_head * dv)."""
+    n_head, d = q.shape[1], q.shape[2]
+    n_head_kv, dv = vc.shape[1], vc.shape[2]
+    g = n_head // n_head_kv
+    G, DP, DVP = max(2, triton.next_power_of_2(g)), triton.next_power_of_2(d), triton.next_power_of_2(dv)
+    bn = max(16, min(64, 16384 // (G * max(DP, DVP))))
+    n_split = max(1, min(triton.cdiv(m, bn), triton.cdiv(128, n_head_kv)))
+    per = triton.cdiv(triton.cdiv(m, n_split), bn) * bn
+    n_split = triton.cdiv(m, per)
+    dev = q.device
+    pm = torch.empty((n_head_kv, n_split, G), dtype=torch.float32, device=dev)
+    pl = torch.empty_like(pm)
+    pacc = torch.empty((n_head_kv, n_split, G, DVP), dtype=torch.float32, device=dev)
+    _attn_split[(n_head_kv, n_split)](q.contiguous(), kc, vc, pc, qpos, pm, pl, pacc, float(scale),
+                                      int(window), m, n_head_kv, g, CPS=per, D=d, DV=dv, G=G,
+                                      DP=DP, DVP=DVP, BN=bn, num_warps=4)
+    out = torch.empty((1, n_head * dv), dtype=torch.float32, device=dev)
+    _attn_combine[(n_head,)](pm, pl, pacc, out, n_split, g, DV=dv, G=G, DVP=DVP,
+                             SP=max(2, triton.next_power_of_2(n_split)), num_warps=1)
+    return out

@@ -1,0 +1,125 @@
+"""Q8_0 weights in planes, multiplied in integers as ggml does.
+
+At upload the file's 34-byte blocks are regrouped into a plane of quants (int8,
+n_out x n_in) and a plane of scales (fp16, n_out x n_in/32): the same bytes, but rows of
+quants are contiguous and aligned, so a warp reads them with 16-byte loads.
+
+The activations are rounded to Q8_0 blocks (llama.cpp's vec_dot_type for Q8_0) and each
+block's 32 products are summed exactly in int32, then scaled by d_w * d_x: ggml's
+``vec_dot_q8_0_q8_0`` arithmetic, up to float32 summation order across blocks.
+
+* ``_gemv``: decode. Each program owns ``BM`` rows; the activation tile is rounded in the
+  kernel (no extra launch; amortised over the rows). With ``DP4A`` (CUDA only) four
+  int8 products and their sum are one ``dp4a`` instruction on 32-bit words of the planes.
+* ``_quant_act`` + ``_gemm``: prefill. The activations are rounded once into int8 and
+  scales, then int8 ``tl.dot`` tiles (tensor cores) give each block's integer sums.
+"""
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+from ggforge.runtime.gpu.triton_kernels import _rne
+
+_INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+
+
+@triton.jit
+def _round_q8_0(x, R: tl.constexpr, BK: tl.constexpr):
+    """x (R, BK) float32 -> (quants as float32 (R, BK/32, 32), scales (R, BK/32, 1)), as
+    quantize_row_q8_0 (AVX): d = fp16(amax / 127), q = rne(x * (127 / amax))."""
+    xb = tl.reshape(x, (R, BK // 32, 32))
+    amax = tl.max(tl.abs(xb), axis=2, keep_dims=True)
+    d = tl.math.div_rn(amax, 127.0).to(tl.float16).to(tl.float32)
+    iscale = tl.where(amax != 0, tl.math.div_rn(127.0 + 0 * amax, tl.where(amax != 0, amax, 1.0)), 0.0)
+    return _rne(xb * iscale), d
+
+
+@triton.jit
+def _dp4a(a, b):
+    """Sum of the four int8 products of two int32 words (PTX dp4a; emulated by shifts in
+    Triton's interpreter, which has no PTX)."""
+    if _INTERPRET:
+        s = tl.zeros_like(a)
+        for i in tl.static_range(4):
+            s += ((a << (24 - 8 * i)) >> 24) * ((b << (24 - 8 * i)) >> 24)
+        return s
+    return tl.inline_asm_elementwise("dp4a.s32.s32 $0, $1, $2, $3;", "=r,r,r,r",
+                                     [a, b, tl.zeros_like(a)], dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _gemv(q, d, x, xd_pre, y, n_out, n_in: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+          DP4A: tl.constexpr, PRE: tl.constexpr):
+    """y[t, rows] = x[t] . W[rows]: program (row block, token). q is the quant plane
+    (int8, or its int32 words when DP4A), d the fp16 scale plane. With PRE, x holds the
+    rounded activations (int32 words of int8 quants) and xd_pre their scales."""
+    pid = tl.program_id(0)
+    t = tl.program_id(1).to(tl.int64)
+    rows = pid * BM + tl.arange(0, BM)
+    r = tl.minimum(rows, n_out - 1).to(tl.int64)[:, None]
+    acc = tl.zeros((BM, BK // 32), tl.float32)
+    for k0 in range(0, n_in, BK):
+        if PRE:
+            xw = tl.load(x + t * (n_in // 4) + k0 // 4 + tl.arange(0, BK // 4))[None, :]
+            xd = tl.load(xd_pre + t * (n_in // 32) + k0 // 32 + tl.arange(0, BK // 32))
+            k4 = k0 // 4 + tl.arange(0, BK // 4)[None, :]
+            w4 = tl.load(q + r * (n_in // 4) + k4)
+            s = tl.sum(tl.reshape(_dp4a(w4, tl.broadcast_to(xw, (BM, BK // 4))), (BM, BK // 32, 8)), axis=2)
+        elif DP4A:
+            xq, xd = _round_q8_0(tl.load(x + t * n_in + k0 + tl.arange(0, BK))[None, :], 1, BK)
+            xw = tl.reshape(xq.to(tl.int8), (BK // 4, 4)).to(tl.int32, bitcast=False)
+            # pack four int8 into one word, little-endian, as the plane's int32 view holds them
+            sh = tl.arange(0, 4)[None, :] * 8
+            xw = tl.sum((xw & 0xFF) << sh, axis=1)[None, :]
+            k4 = k0 // 4 + tl.arange(0, BK // 4)[None, :]
+            w4 = tl.load(q + r * (n_in // 4) + k4)
+            s = tl.sum(tl.reshape(_dp4a(w4, tl.broadcast_to(xw, (BM, BK // 4))), (BM, BK // 32, 8)), axis=2)
+        else:
+            xq, xd = _round_q8_0(tl.load(x + t * n_in + k0 + tl.arange(0, BK))[None, :], 1, BK)
+            wv = tl.load(q + r * n_in + k0 + tl.arange(0, BK)[None, :]).to(tl.int32)
+            s = tl.sum(tl.reshape(wv, (BM, BK // 32, 32)) * xq.to(tl.int32), axis=2)
+        kb = k0 // 32 + tl.arange(0, BK // 32)[None, :]
+        dw = tl.load(d + r * (n_in // 32) + kb).to(tl.float32)
+        acc += s.to(tl.float32) * (dw * tl.reshape(xd, (1, BK // 32)))
+    tl.store(y + t * n_out + rows, tl.sum(acc, axis=1), mask=rows < n_out)
+
+
+@triton.jit
+def _quant_act(x, xq, xd, n_in, BK: tl.constexpr):
+    """Round activation rows to Q8_0: xq int8 (n_tok, n_in), xd float32 (n_tok, n_in/32).
+    Program (token, column block)."""
+    t = tl.program_id(0).to(tl.int64)
+    cb = tl.program_id(1)
+    k = cb * BK + tl.arange(0, BK)
+    q, dv = _round_q8_0(tl.load(x + t * n_in + k)[None, :], 1, BK)
+    tl.store(xq + t * n_in + k, tl.reshape(q, (BK,)).to(tl.int8))
+    tl.store(xd + t * (n_in // 32) + cb * (BK // 32) + tl.arange(0, BK // 32), tl.reshape(dv, (BK // 32,)))
+
+
+@triton.jit
+def _gemm(q, d, xq, xd, y, n_tok, n_out, n_in: tl.constexpr, BT: tl.constexpr,
+          BM: tl.constexpr, BK: tl.constexpr):
+    """y[toks, rows] = x[toks] @ W[rows].T from rounded activations: program (row block,
+    token block); each 32-column block is one int8 dot with int32 sums."""
+    pid_m = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    rows = pid_m * BM + tl.arange(0, BM)
+    toks = pid_t * BT + tl.arange(0, BT)
+    r = tl.minimum(rows, n_out - 1).to(tl.int64)
+    tk = tl.minimum(toks, n_tok - 1).to(tl.int64)
+    c = tl.arange(0, 32)
+    acc = tl.zeros((BT, BM), tl.float32)
+    for k0 in range(0, n_in, BK):
+        for j in tl.static_range(BK // 32):
+            kc = k0 + j * 32
+            xt = tl.load(xq + tk[:, None] * n_in + kc + c[None, :])              # (BT, 32)
+            wt = tl.load(q + r[None, :] * n_in + kc + c[:, None])                # (32, BM)
+            s = tl.dot(xt, wt, out_dtype=tl.int32)
+            dx = tl.load(xd + tk * (n_in // 32) + kc // 32)
+            dw = tl.load(d + r * (n_in // 32) + kc // 32).to(tl.float32)
+            acc += s.to(tl.float32) * (dx[:, None] * dw[None, :])
+    out = y + toks.to(tl.int64)[:, None] * n_out + rows[None, :]
+    tl.store(out, acc, mask=(toks[:, None] < n_tok) & (rows[None, :] < n_out))
