@@ -50,7 +50,7 @@ def gelu_fp16_table(x: np.ndarray) -> np.ndarray:
     if x.dtype == F32:
         flat = np.ascontiguousarray(x).reshape(-1)
         out = np.empty_like(flat)
-        ew.gelu(flat, _gelu_table(), out)
+        ew.gelu(flat, gelu_table(), out)
         return out.reshape(x.shape)
     y = _gelu_fp16(x.astype(np.float16).astype(F32))
     y = np.where(x <= F32(-10.0), F32(0.0), y)
@@ -58,7 +58,7 @@ def gelu_fp16_table(x: np.ndarray) -> np.ndarray:
 
 
 @lru_cache(maxsize=1)
-def _gelu_table() -> np.ndarray:
+def gelu_table() -> np.ndarray:
     """_gelu_fp16 at every fp16 bit pattern (65536,): ggml_table_gelu_f16."""
     with np.errstate(invalid="ignore", over="ignore"):
         return _gelu_fp16(np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(F32))

@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ggforge.runtime.gpu.q8_kernels import _round_q8_0
+
 _FLOOR = tl.constexpr(-1e30)  # a finite "no score yet": exp(_FLOOR - m) is 0, never NaN
 
 
@@ -64,8 +66,8 @@ def _attn_split(q, kc, vc, pc, qpos_p, pm, pl, pacc, scale, window, m, n_head_kv
 
 
 @triton.jit
-def _attn_combine(pm, pl, pacc, out, n_split, g, DV: tl.constexpr, G: tl.constexpr,
-                  DVP: tl.constexpr, SP: tl.constexpr):
+def _attn_combine(pm, pl, pacc, out, xq, xd, n_split, g, DV: tl.constexpr, G: tl.constexpr,
+                  DVP: tl.constexpr, SP: tl.constexpr, QUANT: tl.constexpr):
     hq = tl.program_id(0)
     h = hq // g
     j = hq % g
@@ -78,14 +80,21 @@ def _attn_combine(pm, pl, pacc, out, n_split, g, DV: tl.constexpr, G: tl.constex
     accs = tl.load(pacc + base[:, None] * DVP + ei[None, :], mask=sm[:, None], other=0.0)
     w = tl.exp(ms - tl.max(ms, axis=0))
     o = tl.sum(accs * w[:, None], axis=0) / tl.sum(ls * w, axis=0)
-    tl.store(out + hq * DV + ei, o, mask=ei < DV)
+    if QUANT:   # the output projection's input, rounded to Q8_0 (DV a multiple of 32)
+        q, d = _round_q8_0(tl.reshape(o, (1, DVP)), 1, DVP)
+        tl.store(xq + hq * DV + ei, tl.reshape(q, (DVP,)).to(tl.int8), mask=ei < DV)
+        b = tl.arange(0, DVP // 32)
+        tl.store(xd + hq * (DV // 32) + b, tl.reshape(d, (DVP // 32,)), mask=b < DV // 32)
+    else:
+        tl.store(out + hq * DV + ei, o, mask=ei < DV)
 
 
 def decode_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, pc: torch.Tensor,
-                     qpos: torch.Tensor, scale: float, window: int, m: int) -> torch.Tensor:
+                     qpos: torch.Tensor, scale: float, window: int, m: int, quant: bool = False):
     """Attention of one token: q (1, n_head, d) against the first m cells of the cache
     (kc (cells, n_head_kv, d), vc (cells, n_head_kv, dv), pc (cells,) positions, -1 empty);
-    qpos (1,) the token's position. Returns (1, n_head * dv)."""
+    qpos (1,) the token's position. Returns (1, n_head * dv), or with ``quant`` that
+    rounded to Q8_0: (quants int8, scales float32) (dv a multiple of 32)."""
     n_head, d = q.shape[1], q.shape[2]
     n_head_kv, dv = vc.shape[1], vc.shape[2]
     g = n_head // n_head_kv
@@ -102,6 +111,8 @@ def decode_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, pc: to
                                       int(window), m, n_head_kv, g, CPS=per, D=d, DV=dv, G=G,
                                       DP=DP, DVP=DVP, BN=bn, num_warps=4)
     out = torch.empty((1, n_head * dv), dtype=torch.float32, device=dev)
-    _attn_combine[(n_head,)](pm, pl, pacc, out, n_split, g, DV=dv, G=G, DVP=DVP,
-                             SP=max(2, triton.next_power_of_2(n_split)), num_warps=1)
-    return out
+    xq = torch.empty((1, n_head * dv), dtype=torch.int8, device=dev) if quant else out
+    xd = torch.empty((1, n_head * dv // 32), dtype=torch.float32, device=dev) if quant else out
+    _attn_combine[(n_head,)](pm, pl, pacc, out, xq, xd, n_split, g, DV=dv, G=G, DVP=DVP,
+                             SP=max(2, triton.next_power_of_2(n_split)), QUANT=quant, num_warps=1)
+    return (xq, xd) if quant else out

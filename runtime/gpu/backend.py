@@ -23,29 +23,32 @@ import os
 import numpy as np
 import torch
 
+from ggforge.runtime.gpu import fused_kernels as FK
 from ggforge.runtime.gpu import ops
 from ggforge.runtime.gpu.attn_kernels import decode_attention
-from ggforge.runtime.layers import rope_cache
+from ggforge.runtime.layers import gelu_table, rope_cache
 
 UBATCH = 512          # prompt tokens per pass (bounds attention scratch and the SWA ring)
 
 
 def _rms_norm(x: torch.Tensor, w: torch.Tensor | None, eps: float) -> torch.Tensor:
-    mean = ((x.double() * x.double()).sum(-1, keepdim=True) / x.shape[-1]).float()
+    mean = ((x * x).double().sum(-1, keepdim=True) / x.shape[-1]).float()  # as ggml: squares in float
     y = x * (1.0 / torch.sqrt(mean + eps))
     return y if w is None else y * w
 
 
-def _silu(x: torch.Tensor) -> torch.Tensor:
-    return x / (1.0 + torch.exp(-x))
-
-
-def _gelu(x: torch.Tensor) -> torch.Tensor:
-    xf = x.half().float()
-    g = 0.5 * xf * (1.0 + torch.tanh(0.7978845608028654 * xf * (1.0 + 0.044715 * xf * xf)))
-    y = g.half().float()
+def _gelu(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """ggml's CPU GELU exactly: the fp16 GELU table (runtime.layers) looked up at the fp16
+    bits of x; 0 at or below -10, the identity at or above 10. (Computing tanh on the
+    device instead differs by an fp16 step in ~1% of elements, enough to move the logits
+    of a real Gemma 3 by 1e-2 per layer.)"""
+    y = table[x.half().view(torch.int16).long() & 0xFFFF]
     y = torch.where(x <= -10.0, torch.zeros_like(y), y)
     return torch.where(x >= 10.0, x, y)
+
+
+def _silu(x: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:
+    return x / (1.0 + torch.exp(-x))
 
 
 _ACT = {"silu": _silu, "gelu": _gelu}
@@ -120,8 +123,8 @@ def _mid(x, o, post_attn_norm, ffn_norm, eps: float):
     return x, _rms_norm(x, ffn_norm, eps)
 
 
-def _act(gu, n_ff: int, act: str):
-    return _ACT[act](gu[:, :n_ff]) * gu[:, n_ff:]
+def _act(gu, n_ff: int, act: str, gelu_table):
+    return _ACT[act](gu[:, :n_ff], gelu_table) * gu[:, n_ff:]
 
 
 def _end(x, f, post_ffn_norm, eps: float):
@@ -193,10 +196,15 @@ class GpuLayers:
                     "attn_norm", "ffn_norm", "bq", "bk", "bv", "q_norm", "k_norm",
                     "post_attn_norm", "post_ffn_norm")},
             })
+        for L in self.layers:  # decode fuses glue and Q8_0 rounding (fused_kernels.py)
+            L["fused"] = (all(len(g) == 1 and g[0].planes is not None for g in (L["qkv"], L["gate_up"]))
+                          and L["wo"].planes is not None and L["down"].planes is not None
+                          and c.head_dim_v % 32 == 0)
         if head:
             self.output = ops.GWeight.upload(model.output, dev)
             self.output_norm = vec(model.output_norm)
         self._ropes: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._gelu_table = torch.from_numpy(gelu_table()).to(dev)
         self.use_graphs = self.device.type == "cuda"
         self._fn = EAGER
         self._compiled = None   # compiled_glue(), made at the first decode graph
@@ -272,8 +280,11 @@ class GpuLayers:
     def _layer(self, il: int, L: dict, x: torch.Tensor, pos: torch.Tensor, cache: GpuCache,
                i: int, n_attn: int) -> torch.Tensor:
         c, f = self.config, self._fn
-        h = f["norm"](x, L["attn_norm"], c.eps)
-        qkv = ops.matmul_group(h, L["qkv"])
+        fused = L["fused"] and x.shape[0] == 1
+        if fused:
+            qkv = ops.matmul_q8(*FK.norm_q8(x, L["attn_norm"], c.eps), L["qkv"][0])
+        else:
+            qkv = ops.matmul_group(f["norm"](x, L["attn_norm"], c.eps), L["qkv"])
         size, window = cache.sizes[i], cache.windows[i]
         cos_t, sin_t = self._ropes[c.is_swa(il)]
         kc, vc, pc = cache.k[i], cache.v[i], cache.pos[i]
@@ -283,13 +294,19 @@ class GpuLayers:
                       c.attn_scale, size)
         m = size if window else min(size, n_attn)
         scale = 1.0 if c.traits.q_scale_on_q else c.attn_scale
+        if fused:
+            o = ops.matmul_q8(*decode_attention(q, kc, vc, pc, pos, scale, window, m, quant=True), L["wo"])
+            x, *xq = FK.mid_q8(x, o, L["post_attn_norm"], L["ffn_norm"], c.eps)
+            gu = ops.matmul_q8(*xq, L["gate_up"][0])
+            d = ops.matmul_q8(*FK.act_q8(gu, c.n_ff, c.traits.act, self._gelu_table), L["down"])
+            return f["end"](x, d, L["post_ffn_norm"], c.eps)
         if q.shape[0] == 1:   # decode: two Triton launches reading the cache in place
             a = decode_attention(q, kc, vc, pc, pos, scale, window, m)
         else:
             a = _attention(q, kc[:m], vc[:m], pc[:m], pos, scale, window)
         o = ops.matmul(a, L["wo"])
         x, h = f["mid"](x, o, L["post_attn_norm"], L["ffn_norm"], c.eps)
-        g = f["act"](ops.matmul_group(h, L["gate_up"]), c.n_ff, c.traits.act)
+        g = f["act"](ops.matmul_group(h, L["gate_up"]), c.n_ff, c.traits.act, self._gelu_table)
         return f["end"](x, ops.matmul(g, L["down"]), L["post_ffn_norm"], c.eps)
 
     # -- CUDA graphs for decode ---------------------------------------------------------

@@ -128,11 +128,21 @@ Q8_GEMM = dict(BT=64, BM=128, BK=64, num_warps=4)
 
 def _matmul_q8_0(x: torch.Tensor, w: GWeight, out: torch.Tensor) -> torch.Tensor:
     """Round the activations to Q8_0 once, then integer block sums against the planes."""
-    q, d = w.planes
     n_tok = x.shape[0]
     xq = torch.empty((n_tok, w.n_in), dtype=torch.int8, device=x.device)
     xd = torch.empty((n_tok, w.n_in // 32), dtype=torch.float32, device=x.device)
     Q8._quant_act[(n_tok, w.n_in // 128)](x, xq, xd, w.n_in, BK=128)
+    return matmul_q8(xq, xd, w, out)
+
+
+def matmul_q8(xq: torch.Tensor, xd: torch.Tensor, w: GWeight,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W.T`` for a Q8_0-planar W from activations already rounded to Q8_0 (xq int8
+    (n_tokens, n_in), xd float32 scales (n_tokens, n_in/32))."""
+    q, d = w.planes
+    n_tok = xq.shape[0]
+    if out is None:
+        out = torch.empty((n_tok, w.n_out), dtype=torch.float32, device=xq.device)
     if n_tok <= DECODE_MAX_TOKENS:
         cfg = dict(BM=128, BK=w.bk, num_warps=4) if INTERPRET else dict(Q8_GEMV)
         if w.n_in % cfg["BK"]:
