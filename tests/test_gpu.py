@@ -116,6 +116,16 @@ def test_decode_attention_kernel_equals_torch_attention(n_head, n_head_kv, d, wi
     assert torch.allclose(got, ref, rtol=1e-5, atol=1e-6)
 
 
+def test_gelu_is_the_cpu_backends_table():
+    """GELU on the device looks up ggml's fp16 table as the CPU backend does: equal bit for
+    bit, thresholds at +-10 included."""
+    from ggforge.runtime.layers import gelu_fp16_table, gelu_table
+    x = np.concatenate([np.linspace(-12, 12, 20001, dtype=np.float32),
+                        np.float32([-10, 10, -9.999, 9.999, 0, -0.0, 1e-8, 65000])])
+    got = backend._gelu(torch.from_numpy(x).to(DEVICE), torch.from_numpy(gelu_table()).to(DEVICE))
+    assert np.array_equal(got.cpu().numpy(), gelu_fp16_table(x[None, :])[0])
+
+
 @pytest.fixture(scope="module")
 def q4km(tiny_model, tmp_path_factory):
     files = {}
