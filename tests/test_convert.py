@@ -45,7 +45,8 @@ def hf_reference(tiny_model):
     return get
 
 
-ARCHS = [a for a in MODELS if a != "llama-odd"]
+# llama-odd has its own tests; gemma3-wide is gemma3 at real widths, for memory measurements
+ARCHS = [a for a in MODELS if a not in ("llama-odd", "gemma3-wide")]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
