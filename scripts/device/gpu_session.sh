@@ -1,10 +1,11 @@
 #!/bin/bash
 # GPU checks and benchmarks on a lent CUDA machine (bare image: torch, Triton, numba there).
 #   bash scripts/device/gpu_session.sh STEP...
-#   steps: setup build tests sweep big bench waitbuild gemma
+#   steps: setup build tests sweep big bench waitbuild piece gemma
 # .dev/ (git-ignored) carries the gguf wheel and llama.cpp's trimmed source (lcpp.tar.xz);
 # .dev2/g0..g4 the real Gemma-3-270M Q4_K_M file in five pieces (a call carries 64 MiB at
-# most: one piece a call, on a machine kept warm). Results go to $OUT.
+# most, and a carried path is gone at the next call: carry one piece a call, step `piece`
+# copies it to /tmp/g, on a machine kept warm). Results go to $OUT.
 set -u
 export PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT" /tmp/pkg && ln -sfn "$PWD" /tmp/pkg/ggforge
@@ -39,8 +40,10 @@ bench)   # bench MODEL: ggforge at 0, half, all layers (+ llama-bench when built
      $([ -x $LB ] && echo --llama-bench $LB) 2>&1 | tee -a "$OUT/bench.log" | tail -8 ;;
 sweep)   # the Q8_0 planar kernels' variants and tiles (SWEEP=quick: fewer)
   python3 scripts/device/q8_sweep.py ${SWEEP:-} 2>&1 | tee "$OUT/sweep.log" ;;
-gemma)   # the real model: GPU against CPU at 0, half, all layers
-  cat .dev2/g0 .dev2/g1 .dev2/g2 .dev2/g3 .dev2/g4 > /tmp/gemma.gguf && sha256sum /tmp/gemma.gguf | cut -c1-16
+piece)   # keep the carried piece(s) of the Gemma file
+  mkdir -p /tmp/g && cp .dev2/g* /tmp/g/ && ls /tmp/g ;;
+gemma)   # the real model: GPU against CPU at 0, half, all layers (after five `piece` calls)
+  cat /tmp/g/g0 /tmp/g/g1 /tmp/g/g2 /tmp/g/g3 /tmp/g/g4 > /tmp/gemma.gguf && sha256sum /tmp/gemma.gguf | cut -c1-16
   python3 scripts/device/real_check.py /tmp/gemma.gguf 2>&1 | tee "$OUT/real.log" ;;
 waitbuild)
   for i in $(seq 1 ${WAIT:-60}); do [ -x $LB ] && break; sleep 5; done; tail -2 /tmp/lc/build.log ;;
