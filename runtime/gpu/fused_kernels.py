@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ggforge.runtime.gpu.q8_kernels import _round_q8_0
+from ggforge.runtime.gpu.q8_kernels import _round_q8_0, act_buffers
 
 
 @triton.jit
@@ -81,14 +81,9 @@ def _act_q8(gu, table, xq, xd, n_ff, GELU: tl.constexpr, BK: tl.constexpr):
     tl.store(xd + t * (n_ff // 32) + c * (BK // 32) + tl.arange(0, BK // 32), tl.reshape(d, (BK // 32,)))
 
 
-def _bufs(n_tok: int, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    return (torch.empty((n_tok, n), dtype=torch.int8, device=device),
-            torch.empty((n_tok, n // 32), dtype=torch.float32, device=device))
-
-
 def norm_q8(x: torch.Tensor, w: torch.Tensor, eps: float):
     n_tok, n = x.shape
-    xq, xd = _bufs(n_tok, n, x.device)
+    xq, xd = act_buffers(n_tok, n, x.device)
     _norm_q8[(n_tok,)](x, w, xq, xd, n, float(eps), BN=triton.next_power_of_2(n), num_warps=4)
     return xq, xd
 
@@ -97,7 +92,7 @@ def mid_q8(x: torch.Tensor, o: torch.Tensor, w_post: torch.Tensor | None, w_ffn:
            eps: float):
     n_tok, n = x.shape
     x_out = torch.empty_like(x)
-    xq, xd = _bufs(n_tok, n, x.device)
+    xq, xd = act_buffers(n_tok, n, x.device)
     _mid_q8[(n_tok,)](x, o, w_ffn if w_post is None else w_post, w_ffn, x_out, xq, xd, n,
                       float(eps), HAS_POST=w_post is not None, BN=triton.next_power_of_2(n),
                       num_warps=4)
@@ -106,7 +101,7 @@ def mid_q8(x: torch.Tensor, o: torch.Tensor, w_post: torch.Tensor | None, w_ffn:
 
 def act_q8(gu: torch.Tensor, n_ff: int, act: str, gelu_table: torch.Tensor):
     n_tok = gu.shape[0]
-    xq, xd = _bufs(n_tok, n_ff, gu.device)
+    xq, xd = act_buffers(n_tok, n_ff, gu.device)
     _act_q8[(n_tok, n_ff // 128)](gu, gelu_table, xq, xd, n_ff, GELU=act == "gelu", BK=128,
                                   num_warps=4)
     return xq, xd

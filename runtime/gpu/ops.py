@@ -129,8 +129,7 @@ Q8_GEMM = dict(BT=64, BM=128, BK=64, num_warps=4)
 def _matmul_q8_0(x: torch.Tensor, w: GWeight, out: torch.Tensor) -> torch.Tensor:
     """Round the activations to Q8_0 once, then integer block sums against the planes."""
     n_tok = x.shape[0]
-    xq = torch.empty((n_tok, w.n_in), dtype=torch.int8, device=x.device)
-    xd = torch.empty((n_tok, w.n_in // 32), dtype=torch.float32, device=x.device)
+    xq, xd = Q8.act_buffers(n_tok, w.n_in, x.device)
     Q8._quant_act[(n_tok, w.n_in // 128)](x, xq, xd, w.n_in, BK=128)
     return matmul_q8(xq, xd, w, out)
 
@@ -148,8 +147,7 @@ def matmul_q8(xq: torch.Tensor, xd: torch.Tensor, w: GWeight,
         if w.n_in % cfg["BK"]:
             cfg["BK"] = w.bk
         Q8._gemv[(triton.cdiv(w.n_out, cfg["BM"]), n_tok)](
-            q.view(torch.int32), d, xq.view(torch.int32), xd, out, w.n_out, w.n_in,
-            DP4A=True, PRE=True, **cfg)
+            q.view(torch.int32), d, xq.view(torch.int32), xd, out, w.n_out, w.n_in, **cfg)
         return out
     cfg = dict(BT=64, BM=128, BK=128, num_warps=4) if INTERPRET else Q8_GEMM
     grid = (triton.cdiv(w.n_out, cfg["BM"]), triton.cdiv(n_tok, cfg["BT"]))

@@ -8,16 +8,19 @@ The activations are rounded to Q8_0 blocks (llama.cpp's vec_dot_type for Q8_0) a
 block's 32 products are summed exactly in int32, then scaled by d_w * d_x: ggml's
 ``vec_dot_q8_0_q8_0`` arithmetic, up to float32 summation order across blocks.
 
-* ``_gemv``: decode. Each program owns ``BM`` rows; the activation tile is rounded in the
-  kernel (no extra launch; amortised over the rows). With ``DP4A`` (CUDA only) four
-  int8 products and their sum are one ``dp4a`` instruction on 32-bit words of the planes.
-* ``_quant_act`` + ``_gemm``: prefill. The activations are rounded once into int8 and
-  scales, then int8 ``tl.dot`` tiles (tensor cores) give each block's integer sums.
+The activations are rounded once per product (``_quant_act``, or the glue kernel before
+it: fused_kernels.py) into int8 quants and float32 scales; rounding them inside every
+program of the product cost 3 to 4 times the product (NOTES.md).
+
+* ``_gemv``: decode. Each program owns ``BM`` rows; four int8 products and their sum are
+  one ``dp4a`` instruction on 32-bit words of the planes.
+* ``_gemm``: prefill. Int8 ``tl.dot`` tiles (tensor cores) give each block's integer sums.
 """
 from __future__ import annotations
 
 import os
 
+import torch
 import triton
 import triton.language as tl
 
@@ -51,40 +54,31 @@ def _dp4a(a, b):
 
 
 @triton.jit
-def _gemv(q, d, x, xd_pre, y, n_out, n_in: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
-          DP4A: tl.constexpr, PRE: tl.constexpr):
-    """y[t, rows] = x[t] . W[rows]: program (row block, token). q is the quant plane
-    (int8, or its int32 words when DP4A), d the fp16 scale plane. With PRE, x holds the
-    rounded activations (int32 words of int8 quants) and xd_pre their scales."""
+def _gemv(q, d, xw, xd, y, n_out, n_in: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
+    """y[t, rows] = x[t] . W[rows]: program (row block, token). q is the quant plane as
+    int32 words (four int8 each), d the fp16 scale plane; xw, xd the rounded activations
+    (int32 words of int8 quants, float32 scales)."""
     pid = tl.program_id(0)
     t = tl.program_id(1).to(tl.int64)
     rows = pid * BM + tl.arange(0, BM)
     r = tl.minimum(rows, n_out - 1).to(tl.int64)[:, None]
     acc = tl.zeros((BM, BK // 32), tl.float32)
     for k0 in range(0, n_in, BK):
-        if PRE:
-            xw = tl.load(x + t * (n_in // 4) + k0 // 4 + tl.arange(0, BK // 4))[None, :]
-            xd = tl.load(xd_pre + t * (n_in // 32) + k0 // 32 + tl.arange(0, BK // 32))
-            k4 = k0 // 4 + tl.arange(0, BK // 4)[None, :]
-            w4 = tl.load(q + r * (n_in // 4) + k4)
-            s = tl.sum(tl.reshape(_dp4a(w4, tl.broadcast_to(xw, (BM, BK // 4))), (BM, BK // 32, 8)), axis=2)
-        elif DP4A:
-            xq, xd = _round_q8_0(tl.load(x + t * n_in + k0 + tl.arange(0, BK))[None, :], 1, BK)
-            xw = tl.reshape(xq.to(tl.int8), (BK // 4, 4)).to(tl.int32, bitcast=False)
-            # pack four int8 into one word, little-endian, as the plane's int32 view holds them
-            sh = tl.arange(0, 4)[None, :] * 8
-            xw = tl.sum((xw & 0xFF) << sh, axis=1)[None, :]
-            k4 = k0 // 4 + tl.arange(0, BK // 4)[None, :]
-            w4 = tl.load(q + r * (n_in // 4) + k4)
-            s = tl.sum(tl.reshape(_dp4a(w4, tl.broadcast_to(xw, (BM, BK // 4))), (BM, BK // 32, 8)), axis=2)
-        else:
-            xq, xd = _round_q8_0(tl.load(x + t * n_in + k0 + tl.arange(0, BK))[None, :], 1, BK)
-            wv = tl.load(q + r * n_in + k0 + tl.arange(0, BK)[None, :]).to(tl.int32)
-            s = tl.sum(tl.reshape(wv, (BM, BK // 32, 32)) * xq.to(tl.int32), axis=2)
+        k4 = k0 // 4 + tl.arange(0, BK // 4)[None, :]
+        xv = tl.load(xw + t * (n_in // 4) + k4)
+        xs = tl.load(xd + t * (n_in // 32) + k0 // 32 + tl.arange(0, BK // 32))
+        w4 = tl.load(q + r * (n_in // 4) + k4)
+        s = tl.sum(tl.reshape(_dp4a(w4, tl.broadcast_to(xv, (BM, BK // 4))), (BM, BK // 32, 8)), axis=2)
         kb = k0 // 32 + tl.arange(0, BK // 32)[None, :]
         dw = tl.load(d + r * (n_in // 32) + kb).to(tl.float32)
-        acc += s.to(tl.float32) * (dw * tl.reshape(xd, (1, BK // 32)))
+        acc += s.to(tl.float32) * (dw * tl.reshape(xs, (1, BK // 32)))
     tl.store(y + t * n_out + rows, tl.sum(acc, axis=1), mask=rows < n_out)
+
+
+def act_buffers(n_tok: int, n: int, device) -> tuple:
+    """Empty (quants int8 (n_tok, n), scales float32 (n_tok, n/32)) for rounded activations."""
+    return (torch.empty((n_tok, n), dtype=torch.int8, device=device),
+            torch.empty((n_tok, n // 32), dtype=torch.float32, device=device))
 
 
 @triton.jit

@@ -58,11 +58,7 @@ def decode(name, n_out, n_in):
         for bm in bms:
             for nw in (2, 4, 8):
                 g = (triton.cdiv(n_out, bm), 1)
-                run(f"fused bm{bm} bk{bk} w{nw}", lambda: Q8._gemv[g](q32, d, x, x, y, n_out, n_in, BM=bm, BK=bk, DP4A=True, PRE=False, num_warps=nw))
-                run(f"pre bm{bm} bk{bk} w{nw}", lambda: Q8._gemv[g](q32, d, x32, xd, y, n_out, n_in, BM=bm, BK=bk, DP4A=True, PRE=True, num_warps=nw))
-    for bm in (4, 8):
-        g = (triton.cdiv(n_out, bm), 1)
-        run(f"int32 bm{bm} bk512 w4", lambda: Q8._gemv[g](q, d, x, x, y, n_out, n_in, BM=bm, BK=512, DP4A=False, PRE=False, num_warps=4))
+                run(f"bm{bm} bk{bk} w{nw}", lambda: Q8._gemv[g](q32, d, x32, xd, y, n_out, n_in, BM=bm, BK=bk, num_warps=nw))
     qa = bench(lambda: Q8._quant_act[(1, n_in // 128)](x, xq, xd, n_in, BK=128))
     res.sort()
     print(f"decode {name} {n_out}x{n_in} ({nbytes / 2**20:.1f} MiB), quant_act {qa:.1f} us", flush=True)
