@@ -64,3 +64,16 @@ def test_twin_has_the_same_tensor_types_and_runs(wide_gguf, tmp_path):
         assert logits.shape == (1, 256) and np.all(logits == 0)   # zero weights
     finally:
         m.close()
+
+
+def test_memory_command_rejects_a_bad_file_in_one_line(tmp_path):
+    """`ggforge memory` on a file that is not a GGUF: one error line naming it, exit 1, no
+    traceback from the child process that warms the kernels."""
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF\x03\x00\x00\x00")
+    proc = subprocess.run([sys.executable, "-m", "ggforge.tools", "memory", str(bad)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 1
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and str(bad) in lines[0]
+    assert "Traceback" not in proc.stderr + proc.stdout

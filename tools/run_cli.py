@@ -209,6 +209,9 @@ def memory_cmd(model: str, n_prompt: int, n_gen: int, ctx_size: int | None, thre
 
     if threads:
         kernels.set_threads(threads)
+    from ggforge.runtime.model import Model
+
+    Model(model).close()   # a bad file: one line here, not a traceback from the child
     types = (cache_type_k.lower(), cache_type_v.lower())
     prime_kernel_cache(model, n_prompt, types)
     rep = measure(model, n_prompt, n_gen, ctx_size, types)
