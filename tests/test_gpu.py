@@ -116,6 +116,40 @@ def test_decode_attention_kernel_equals_torch_attention(n_head, n_head_kv, d, wi
     assert torch.allclose(got, ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("rope,n_rot,extras", [("norm", 16, False), ("neox", 12, True), ("neox", 16, False)])
+def test_prep_kernel_equals_the_cpu_steps(rope, n_rot, extras):
+    """Bias, q/k RMS norms, rope and the ring write in one launch give the CPU backend's
+    numbers (runtime.layers: rms_norm, apply_rope) to the last bit or so, for three tokens
+    of which one wraps the ring; partial rope (n_rot < head dim) passes the rest through."""
+    from ggforge.runtime.gpu.fused_kernels import prep
+    from ggforge.runtime.layers import apply_rope, rms_norm, rope_cache
+    rng = np.random.default_rng(n_rot)
+    n_head, n_kv, d, size, n = 6, 2, 16, 5, 3
+    qkv = (rng.standard_normal((n, (n_head + 2 * n_kv) * d)) * 3).astype(np.float32)
+    bias = rng.standard_normal(qkv.shape[1]).astype(np.float32) if extras else None
+    qn, kn = (rng.standard_normal((2, d)).astype(np.float32) if extras else (None, None))
+    pos = np.array([3, 4, 5])
+    cos, sin = rope_cache(np.arange(8), n_rot, 10000.0, 1.0, None)
+    x = qkv + bias if extras else qkv
+    q, k, v = np.split(x, [n_head * d, (n_head + n_kv) * d], axis=1)
+    q, k, v = q.reshape(n, n_head, d), k.reshape(n, n_kv, d), v.reshape(n, n_kv, d)
+    if extras:
+        q, k = rms_norm(q, qn, 1e-6), rms_norm(k, kn, 1e-6)
+    q_ref = apply_rope(q, cos[pos], sin[pos], rope) * np.float32(0.25)
+    k_ref = apply_rope(k, cos[pos], sin[pos], rope)
+    t = {k_: None if a is None else torch.from_numpy(a).to(DEVICE) for k_, a in dict(
+        qkv=qkv, pos=pos, cos=cos, sin=sin, bias=bias, qn=qn, kn=kn).items()}
+    kc, vc = torch.zeros((size, n_kv, d), device=DEVICE), torch.zeros((size, n_kv, d), device=DEVICE)
+    pc = torch.full((size,), -1, dtype=torch.int64, device=DEVICE)
+    got = prep(t["qkv"], t["pos"], t["cos"], t["sin"], kc, vc, pc, t["bias"], t["qn"], t["kn"],
+               n_head, n_kv, d, d, 1e-6, rope, 0.25, size).cpu().numpy()
+    np.testing.assert_allclose(got, q_ref, rtol=3e-7, atol=0)
+    slots = pos % size                                           # 3, 4, 0
+    np.testing.assert_allclose(kc.cpu().numpy()[slots], k_ref, rtol=3e-7, atol=0)
+    np.testing.assert_array_equal(vc.cpu().numpy()[slots], v)
+    assert pc.cpu().tolist() == [5, -1, -1, 3, 4]
+
+
 def test_gelu_is_the_cpu_backends_table():
     """GELU on the device looks up ggml's fp16 table as the CPU backend does: equal bit for
     bit, thresholds at +-10 included."""

@@ -15,6 +15,8 @@ holds. Prompts are evaluated ``UBATCH`` tokens at a time.
 
 On CUDA one decode step (one token through every device layer) is captured as a CUDA
 graph per attention-length bucket and replayed: small models are not bound by launches.
+Rope and the cache write are one Triton kernel, as is the glue of Q8_0 layers' decode
+(fused_kernels.py); the rest of the glue is torch, compiled by torch.compile in graphs.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from ggforge.runtime.gpu.attn_kernels import decode_attention
 from ggforge.runtime.layers import gelu_table, rope_cache
 
 UBATCH = 512          # prompt tokens per pass (bounds attention scratch and the SWA ring)
+ATTN_BUCKET = 256     # decode graphs per multiple of this many cells of attention
 
 
 def _rms_norm(x: torch.Tensor, w: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -52,49 +55,6 @@ def _silu(x: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:
 
 
 _ACT = {"silu": _silu, "gelu": _gelu}
-
-
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mode: str) -> torch.Tensor:
-    """x (n, heads, d); cos/sin (n, n_rot/2)."""
-    n_rot = cos.shape[1] * 2
-    c, s = cos[:, None, :], sin[:, None, :]
-    out = x.clone()
-    if mode == "norm":
-        x0, x1 = x[..., 0:n_rot:2], x[..., 1:n_rot:2]
-        out[..., 0:n_rot:2] = x0 * c - x1 * s
-        out[..., 1:n_rot:2] = x0 * s + x1 * c
-    else:
-        h = n_rot // 2
-        x0, x1 = x[..., :h], x[..., h:n_rot]
-        out[..., :h] = x0 * c - x1 * s
-        out[..., h:n_rot] = x0 * s + x1 * c
-    return out
-
-
-def _attn_prep(qkv, pos, cos_t, sin_t, kc, vc, pc, bq, bk, bv, q_norm, k_norm,
-               n_head: int, n_head_kv: int, d: int, dv: int, eps: float, rope: str,
-               q_scale_on_q: bool, attn_scale: float, size: int):
-    """From the fused q|k|v product to the queries: biases, q/k norms, rope, and the cache
-    write of keys and values (cell pos % size)."""
-    n = qkv.shape[0]
-    q, k, v = qkv.split([n_head * d, n_head_kv * d, n_head_kv * dv], dim=1)
-    if bq is not None:
-        q, k, v = q + bq, k + bk, v + bv
-    q = q.reshape(n, n_head, d)
-    k = k.reshape(n, n_head_kv, d)
-    v = v.reshape(n, n_head_kv, dv)
-    if q_norm is not None:
-        q, k = _rms_norm(q, q_norm, eps), _rms_norm(k, k_norm, eps)
-    cos, sin = cos_t.index_select(0, pos), sin_t.index_select(0, pos)
-    q = _rope(q, cos, sin, rope)
-    k = _rope(k, cos, sin, rope)
-    if q_scale_on_q:
-        q = q * attn_scale
-    slots = pos % size
-    kc.index_copy_(0, slots, k)
-    vc.index_copy_(0, slots, v)
-    pc.index_copy_(0, slots, pos)
-    return q
 
 
 def _attention(q, keys, values, kv_pos, q_pos, scale: float, window: int) -> torch.Tensor:
@@ -133,7 +93,7 @@ def _end(x, f, post_ffn_norm, eps: float):
     return x + f
 
 
-EAGER = {"norm": _rms_norm, "prep": _attn_prep, "mid": _mid, "act": _act, "end": _end}
+EAGER = {"norm": _rms_norm, "mid": _mid, "act": _act, "end": _end}
 
 
 def compiled_glue() -> dict:
@@ -193,8 +153,8 @@ class GpuLayers:
                 "gate_up": ops.GWeight.upload_group([L.gate, L.up], dev),
                 "down": ops.GWeight.upload(L.down, dev),
                 **{k: vec(getattr(L, k)) for k in (
-                    "attn_norm", "ffn_norm", "bq", "bk", "bv", "q_norm", "k_norm",
-                    "post_attn_norm", "post_ffn_norm")},
+                    "attn_norm", "ffn_norm", "q_norm", "k_norm", "post_attn_norm", "post_ffn_norm")},
+                "bqkv": None if L.bq is None else vec(np.concatenate([L.bq, L.bk, L.bv])),
             })
         for L in self.layers:  # decode fuses glue and Q8_0 rounding (fused_kernels.py)
             L["fused"] = (all(len(g) == 1 and g[0].planes is not None for g in (L["qkv"], L["gate_up"]))
@@ -265,8 +225,11 @@ class GpuLayers:
              all_rows: bool) -> torch.Tensor:
         """The device layers for x at positions pos; attention reads the first n_attn
         cells of the full-context layers (> the last position)."""
+        pend = None   # the last layer's FFN output, not yet added to x
         for i, L in enumerate(self.layers):
-            x = self._layer(self.first + i, L, x, pos, cache, i, n_attn)
+            x, pend = self._layer(self.first + i, L, x, pend, pos, cache, i, n_attn)
+        if pend is not None:
+            x = x + pend
         if not self.head:
             return x
         if not all_rows:
@@ -277,21 +240,26 @@ class GpuLayers:
             logits = torch.tanh(logits * (1.0 / c.final_softcap)) * c.final_softcap
         return logits
 
-    def _layer(self, il: int, L: dict, x: torch.Tensor, pos: torch.Tensor, cache: GpuCache,
-               i: int, n_attn: int) -> torch.Tensor:
+    def _layer(self, il: int, L: dict, x: torch.Tensor, pend: torch.Tensor | None,
+               pos: torch.Tensor, cache: GpuCache, i: int, n_attn: int):
+        """One layer; returns (x, d): the FFN output d is left for the next layer's norm
+        to add (the fused decode path), else already added (d None). ``pend`` is the
+        previous layer's such output."""
         c, f = self.config, self._fn
         fused = L["fused"] and x.shape[0] == 1
         if fused:
-            qkv = ops.matmul_q8(*FK.norm_q8(x, L["attn_norm"], c.eps), L["qkv"][0])
+            x, *xq = FK.norm_q8(x, L["attn_norm"], c.eps, pend)
+            qkv = ops.matmul_q8(*xq, L["qkv"][0])
         else:
+            if pend is not None:
+                x = x + pend
             qkv = ops.matmul_group(f["norm"](x, L["attn_norm"], c.eps), L["qkv"])
         size, window = cache.sizes[i], cache.windows[i]
         cos_t, sin_t = self._ropes[c.is_swa(il)]
         kc, vc, pc = cache.k[i], cache.v[i], cache.pos[i]
-        q = f["prep"](qkv, pos, cos_t, sin_t, kc, vc, pc, L["bq"], L["bk"], L["bv"],
-                      L["q_norm"], L["k_norm"], c.n_head, c.n_head_kv, c.head_dim,
-                      c.head_dim_v, c.eps, c.traits.rope, c.traits.q_scale_on_q,
-                      c.attn_scale, size)
+        q = FK.prep(qkv, pos, cos_t, sin_t, kc, vc, pc, L["bqkv"], L["q_norm"], L["k_norm"],
+                    c.n_head, c.n_head_kv, c.head_dim, c.head_dim_v, c.eps, c.traits.rope,
+                    c.attn_scale if c.traits.q_scale_on_q else None, size)
         m = size if window else min(size, n_attn)
         scale = 1.0 if c.traits.q_scale_on_q else c.attn_scale
         if fused:
@@ -299,7 +267,9 @@ class GpuLayers:
             x, *xq = FK.mid_q8(x, o, L["post_attn_norm"], L["ffn_norm"], c.eps)
             gu = ops.matmul_q8(*xq, L["gate_up"][0])
             d = ops.matmul_q8(*FK.act_q8(gu, c.n_ff, c.traits.act, self._gelu_table), L["down"])
-            return f["end"](x, d, L["post_ffn_norm"], c.eps)
+            if L["post_ffn_norm"] is None:
+                return x, d
+            return f["end"](x, d, L["post_ffn_norm"], c.eps), None
         if q.shape[0] == 1:   # decode: two Triton launches reading the cache in place
             a = decode_attention(q, kc, vc, pc, pos, scale, window, m)
         else:
@@ -307,13 +277,14 @@ class GpuLayers:
         o = ops.matmul(a, L["wo"])
         x, h = f["mid"](x, o, L["post_attn_norm"], L["ffn_norm"], c.eps)
         g = f["act"](ops.matmul_group(h, L["gate_up"]), c.n_ff, c.traits.act, self._gelu_table)
-        return f["end"](x, ops.matmul(g, L["down"]), L["post_ffn_norm"], c.eps)
+        return f["end"](x, ops.matmul(g, L["down"]), L["post_ffn_norm"], c.eps), None
 
     # -- CUDA graphs for decode ---------------------------------------------------------
     def _decode_graph(self, x: np.ndarray, p: int, cache: GpuCache) -> torch.Tensor:
-        """One token through the device layers by replaying a CUDA graph captured once per
-        cache (attention spans every cell of the cache, masked by position)."""
-        n_attn = max(cache.sizes)
+        """One token through the device layers by replaying a CUDA graph, captured once per
+        cache and attention length: full-context layers read the first n_attn cells, the
+        position rounded up to ATTN_BUCKET (later cells are empty)."""
+        n_attn = min(max(cache.sizes), (p // ATTN_BUCKET + 1) * ATTN_BUCKET)
         entry = cache.graphs.get(n_attn)
         if entry is None:
             if self._compiled is None:

@@ -2,9 +2,11 @@
 Q8_0 planes): each kernel ends by writing int8 quants and scales, which the planar
 matrix-vector kernel reads (q8_kernels._gemv with PRE), so no separate rounding launch.
 
-* ``_norm_q8``: h = rms_norm(x) * w, rounded (the attention input).
+* ``_norm_q8``: [x += the previous layer's FFN output], h = rms_norm(x) * w, rounded (the
+  attention input).
 * ``_mid_q8``: x += [rms_norm(o) * w_post], h = rms_norm(x) * w_ffn, rounded (FFN input).
 * ``_act_q8``: act(gate) * up (SiLU, or ggml's fp16 GELU table), rounded (ffn_down input).
+* ``_prep`` (any layer): q|k|v -> [bias], [q/k norms], rope, the cache write, the queries.
 
 The arithmetic is the CPU backend's: squares in float32 summed in float64, the mean and
 scale in float32 with correctly rounded sqrt and division; the GELU is the table lookup.
@@ -40,10 +42,13 @@ def _store_q8(v, xq, xd, t, n, BN: tl.constexpr):
 
 
 @triton.jit
-def _norm_q8(x, w, xq, xd, n, eps, BN: tl.constexpr):
+def _norm_q8(x, r, w, x_out, xq, xd, n, eps, HAS_R: tl.constexpr, BN: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     k = tl.arange(0, BN)[None, :]
     xv = tl.load(x + t * n + k, mask=k < n, other=0.0)
+    if HAS_R:   # the previous layer's residual add
+        xv += tl.load(r + t * n + k, mask=k < n, other=0.0)
+        tl.store(x_out + t * n + k, xv, mask=k < n)
     wv = tl.load(w + k, mask=k < n, other=0.0)
     _store_q8(_rms(xv, wv, n, eps, True), xq, xd, t, n, BN)
 
@@ -81,11 +86,14 @@ def _act_q8(gu, table, xq, xd, n_ff, GELU: tl.constexpr, BK: tl.constexpr):
     tl.store(xd + t * (n_ff // 32) + c * (BK // 32) + tl.arange(0, BK // 32), tl.reshape(d, (BK // 32,)))
 
 
-def norm_q8(x: torch.Tensor, w: torch.Tensor, eps: float):
+def norm_q8(x: torch.Tensor, w: torch.Tensor, eps: float, r: torch.Tensor | None = None):
+    """(x [+ r], rounded rms_norm(x [+ r]) * w as quants and scales)."""
     n_tok, n = x.shape
     xq, xd = act_buffers(n_tok, n, x.device)
-    _norm_q8[(n_tok,)](x, w, xq, xd, n, float(eps), BN=triton.next_power_of_2(n), num_warps=4)
-    return xq, xd
+    x_out = x if r is None else torch.empty_like(x)
+    _norm_q8[(n_tok,)](x, x if r is None else r, w, x_out, xq, xd, n, float(eps), HAS_R=r is not None,
+                       BN=triton.next_power_of_2(n), num_warps=4)
+    return x_out, xq, xd
 
 
 def mid_q8(x: torch.Tensor, o: torch.Tensor, w_post: torch.Tensor | None, w_ffn: torch.Tensor,
@@ -105,3 +113,82 @@ def act_q8(gu: torch.Tensor, n_ff: int, act: str, gelu_table: torch.Tensor):
     _act_q8[(n_tok, n_ff // 128)](gu, gelu_table, xq, xd, n_ff, GELU=act == "gelu", BK=128,
                                   num_warps=4)
     return xq, xd
+
+
+@triton.jit
+def _prep(qkv, pos_p, cos_t, sin_t, kc, vc, pc, bias, qn, kn, q_out, n_head, n_head_kv, size,
+          eps, q_scale, D: tl.constexpr, DV: tl.constexpr, HALF: tl.constexpr, HP: tl.constexpr,
+          DP: tl.constexpr, KVP: tl.constexpr, DVP: tl.constexpr, NEOX: tl.constexpr,
+          HAS_B: tl.constexpr, HAS_NORM: tl.constexpr, QSCALE: tl.constexpr):
+    """Program t (a token): from its q|k|v row to the cache and the queries. Rows 0..n_head-1
+    of the (HP, DP) tile are query heads, the next n_head_kv key heads: [+ bias], [per-head
+    RMS norm], rope (each element and its pair partner, loaded separately, go through the
+    same arithmetic), [x attn scale for q]; keys, values and the position are written to
+    cell pos % size. The CPU backend's order of operations, no fused multiply-adds."""
+    t = tl.program_id(0).to(tl.int64)
+    pos = tl.load(pos_p + t)
+    row = qkv + t * ((n_head + n_head_kv) * D + n_head_kv * DV)
+    hi = tl.arange(0, HP)[:, None]
+    j = tl.arange(0, DP)[None, :]
+    ok = (hi < n_head + n_head_kv) & (j < D)
+    if NEOX:
+        jp = tl.where(j < HALF, j + HALF, tl.where(j < 2 * HALF, j - HALF, j))
+        pair = tl.where(j < HALF, j, j - HALF)
+    else:
+        jp = tl.where(j < 2 * HALF, j ^ 1, j)
+        pair = j // 2
+    first = (j == jp) | (j < jp)
+    x = tl.load(row + hi * D + j, mask=ok, other=0.0)
+    xp = tl.load(row + hi * D + jp, mask=ok, other=0.0)
+    if HAS_B:
+        x += tl.load(bias + hi * D + j, mask=ok, other=0.0)
+        xp += tl.load(bias + hi * D + jp, mask=ok, other=0.0)
+    if HAS_NORM:
+        s = tl.sum((x * x).to(tl.float64), axis=1, keep_dims=True)
+        r = tl.math.div_rn(1.0 + 0 * s.to(tl.float32), tl.math.sqrt_rn((s / D).to(tl.float32) + eps))
+        isq = hi < n_head
+        w = tl.where(isq, tl.load(qn + j + 0 * hi, mask=ok & isq, other=0.0),
+                     tl.load(kn + j + 0 * hi, mask=ok & (hi >= n_head), other=0.0))
+        wp = tl.where(isq, tl.load(qn + jp + 0 * hi, mask=ok & isq, other=0.0),
+                      tl.load(kn + jp + 0 * hi, mask=ok & (hi >= n_head), other=0.0))
+        x = x * r * w
+        xp = xp * r * wp
+    rot = j < 2 * HALF
+    c = tl.load(cos_t + pos * HALF + pair, mask=rot, other=1.0)
+    sn = tl.load(sin_t + pos * HALF + pair, mask=rot, other=0.0)
+    y = tl.where(rot, tl.where(first, x * c - xp * sn, xp * sn + x * c), x)
+    slot = pos % size
+    isk = (hi >= n_head) & ok
+    kh = tl.where(isk, hi - n_head, 0)
+    tl.store(kc + (slot * n_head_kv + kh) * D + j, y, mask=isk)
+    if QSCALE:
+        y = y * q_scale
+    tl.store(q_out + (t * n_head + hi) * D + j, y, mask=ok & (hi < n_head))
+    vh = tl.arange(0, KVP)[:, None]
+    e = tl.arange(0, DVP)[None, :]
+    okv = (vh < n_head_kv) & (e < DV)
+    voff = (n_head + n_head_kv) * D
+    v = tl.load(row + voff + vh * DV + e, mask=okv, other=0.0)
+    if HAS_B:
+        v += tl.load(bias + voff + vh * DV + e, mask=okv, other=0.0)
+    tl.store(vc + (slot * n_head_kv + vh) * DV + e, v, mask=okv)
+    tl.store(pc + slot, pos)
+
+
+def prep(qkv, pos, cos_t, sin_t, kc, vc, pc, bias, q_norm, k_norm, n_head: int, n_head_kv: int,
+         d: int, dv: int, eps: float, rope: str, q_scale: float | None, size: int):
+    """backend._attn_prep in one launch: queries (n, n_head, d); keys, values and positions
+    written to the cache. ``bias`` is q|k|v's bias concatenated (or None), ``q_scale`` the
+    attention scale when it multiplies the queries."""
+    n = qkv.shape[0]
+    n_rot_half = cos_t.shape[1]
+    q = torch.empty((n, n_head, d), dtype=torch.float32, device=qkv.device)
+    _prep[(n,)](qkv, pos, cos_t, sin_t, kc, vc, pc, qkv if bias is None else bias,
+                qkv if q_norm is None else q_norm, qkv if k_norm is None else k_norm, q,
+                n_head, n_head_kv, size, float(eps), float(q_scale or 1.0), D=d, DV=dv,
+                HALF=n_rot_half, HP=triton.next_power_of_2(n_head + n_head_kv),
+                DP=triton.next_power_of_2(d), KVP=max(2, triton.next_power_of_2(n_head_kv)),
+                DVP=triton.next_power_of_2(dv), NEOX=rope != "norm", HAS_B=bias is not None,
+                HAS_NORM=q_norm is not None, QSCALE=q_scale is not None, num_warps=4,
+                enable_fp_fusion=False)
+    return q

@@ -1,7 +1,7 @@
 #!/bin/bash
 # GPU checks and benchmarks on a lent CUDA machine (bare image: torch, Triton, numba there).
 #   bash scripts/device/gpu_session.sh STEP...
-#   steps: setup build tests sweep big bench waitbuild piece gemma
+#   steps: setup build tests sweep big big7 profile bench waitbuild piece gemma layers
 # .dev/ (git-ignored) carries the gguf wheel and llama.cpp's trimmed source (lcpp.tar.xz);
 # .dev2/g0..g4 the real Gemma-3-270M Q4_K_M file in five pieces (a call carries 64 MiB at
 # most, and a carried path is gone at the next call: carry one piece a call, step `piece`
@@ -12,6 +12,7 @@ mkdir -p "$OUT" /tmp/pkg && ln -sfn "$PWD" /tmp/pkg/ggforge
 export PYTHONPATH=/tmp/site:/tmp/pkg
 LB=/tmp/lc/llama.cpp/build/bin/llama-bench
 BIG=/tmp/big/big-q8_0.gguf
+BIG7=/tmp/big7/big7-q8_0.gguf
 for step in "$@"; do case $step in
 setup)
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .dev/*.whl 2>&1 | tail -1
@@ -33,6 +34,20 @@ from test_streaming import SHAPE, write_bf16_checkpoint
 write_bf16_checkpoint(Path("/tmp/big/src"), SHAPE)
 PY
   python3 -m ggforge.tools quantize /tmp/big/src q8_0 -o $BIG --no-progress 2>&1 | tail -2 ;;
+big7)    # a generated 5.9B-parameter llama (Llama-2-7B widths, 8 kv heads), Q8_0: 6.3 GB
+  python3 - <<'PY'
+import sys; sys.path.insert(0, "tests")
+from pathlib import Path
+from test_streaming import write_bf16_checkpoint
+write_bf16_checkpoint(Path("/tmp/big7/src"), dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                      num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8))
+PY
+  python3 -m ggforge.tools quantize /tmp/big7/src q8_0 -o $BIG7 --no-progress 2>&1 | tail -2
+  rm -rf /tmp/big7/src ;;
+profile) # where a decode step's GPU time goes (PROFILE_MODEL, default the 1.1B file)
+  python3 scripts/device/gpu_profile.py ${PROFILE_MODEL:-$BIG} 2>&1 | tee "$OUT/profile.log" | head -45 ;;
+layers)  # the real model, layer by layer: GPU against CPU (after `gemma` assembled it)
+  python3 scripts/device/layer_check.py /tmp/gemma.gguf 2>&1 | tee "$OUT/layers.log" ;;
 bench)   # bench MODEL: ggforge at 0, half, all layers (+ llama-bench when built)
   M=${BENCH_MODEL:-$BIG}
   [ -x $LB ] || { echo "llama-bench not built yet:"; tail -3 /tmp/lc/build.log; }
