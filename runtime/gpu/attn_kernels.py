@@ -89,6 +89,11 @@ def _attn_combine(pm, pl, pacc, out, xq, xd, n_split, g, DV: tl.constexpr, G: tl
         tl.store(out + hq * DV + ei, o, mask=ei < DV)
 
 
+TILE = 16384        # elements of the (G, BN, D) product tile a program holds
+SPLIT_PROGRAMS = 128  # split the cells until there are about this many programs
+WARPS = 4
+
+
 def decode_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, pc: torch.Tensor,
                      qpos: torch.Tensor, scale: float, window: int, m: int, quant: bool = False):
     """Attention of one token: q (1, n_head, d) against the first m cells of the cache
@@ -99,8 +104,8 @@ def decode_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, pc: to
     n_head_kv, dv = vc.shape[1], vc.shape[2]
     g = n_head // n_head_kv
     G, DP, DVP = max(2, triton.next_power_of_2(g)), triton.next_power_of_2(d), triton.next_power_of_2(dv)
-    bn = max(16, min(64, 16384 // (G * max(DP, DVP))))
-    n_split = max(1, min(triton.cdiv(m, bn), triton.cdiv(128, n_head_kv)))
+    bn = max(16, min(64, TILE // (G * max(DP, DVP))))
+    n_split = max(1, min(triton.cdiv(m, bn), triton.cdiv(SPLIT_PROGRAMS, n_head_kv)))
     per = triton.cdiv(triton.cdiv(m, n_split), bn) * bn
     n_split = triton.cdiv(m, per)
     dev = q.device
@@ -109,7 +114,7 @@ def decode_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, pc: to
     pacc = torch.empty((n_head_kv, n_split, G, DVP), dtype=torch.float32, device=dev)
     _attn_split[(n_head_kv, n_split)](q.contiguous(), kc, vc, pc, qpos, pm, pl, pacc, float(scale),
                                       int(window), m, n_head_kv, g, CPS=per, D=d, DV=dv, G=G,
-                                      DP=DP, DVP=DVP, BN=bn, num_warps=4)
+                                      DP=DP, DVP=DVP, BN=bn, num_warps=WARPS)
     out = torch.empty((1, n_head * dv), dtype=torch.float32, device=dev)
     xq = torch.empty((1, n_head * dv), dtype=torch.int8, device=dev) if quant else out
     xd = torch.empty((1, n_head * dv // 32), dtype=torch.float32, device=dev) if quant else out

@@ -10,6 +10,8 @@ matrix-vector kernel reads (q8_kernels._gemv with PRE), so no separate rounding 
 
 The arithmetic is the CPU backend's: squares in float32 summed in float64, the mean and
 scale in float32 with correctly rounded sqrt and division; the GELU is the table lookup.
+Compiled without fused multiply-adds (enable_fp_fusion=False): each product is rounded
+before a sum, as in the CPU's numba kernels.
 """
 from __future__ import annotations
 
@@ -92,7 +94,7 @@ def norm_q8(x: torch.Tensor, w: torch.Tensor, eps: float, r: torch.Tensor | None
     xq, xd = act_buffers(n_tok, n, x.device)
     x_out = x if r is None else torch.empty_like(x)
     _norm_q8[(n_tok,)](x, x if r is None else r, w, x_out, xq, xd, n, float(eps), HAS_R=r is not None,
-                       BN=triton.next_power_of_2(n), num_warps=4)
+                       BN=triton.next_power_of_2(n), num_warps=4, enable_fp_fusion=False)
     return x_out, xq, xd
 
 
@@ -111,7 +113,7 @@ def act_q8(gu: torch.Tensor, n_ff: int, act: str, gelu_table: torch.Tensor):
     n_tok = gu.shape[0]
     xq, xd = act_buffers(n_tok, n_ff, gu.device)
     _act_q8[(n_tok, n_ff // 128)](gu, gelu_table, xq, xd, n_ff, GELU=act == "gelu", BK=128,
-                                  num_warps=4)
+                                  num_warps=4, enable_fp_fusion=False)
     return xq, xd
 
 

@@ -1,7 +1,7 @@
 #!/bin/bash
 # GPU checks and benchmarks on a lent CUDA machine (bare image: torch, Triton, numba there).
 #   bash scripts/device/gpu_session.sh STEP...
-#   steps: setup build tests sweep big big7 profile bench waitbuild piece gemma layers
+#   steps: setup build tests attn sweep big big7 profile bench waitbuild piece gemma layers
 # .dev/ (git-ignored) carries the gguf wheel and llama.cpp's trimmed source (lcpp.tar.xz);
 # .dev2/g0..g4 the real Gemma-3-270M Q4_K_M file in five pieces (a call carries 64 MiB at
 # most, and a carried path is gone at the next call: carry one piece a call, step `piece`
@@ -24,8 +24,10 @@ build)   # llama.cpp with CUDA, in the background (setsid: outlives this command
      -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF \
      -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DGGML_NATIVE=ON && cmake --build build --target llama-bench -j 12" \
      > /tmp/lc/build.log 2>&1 < /dev/null &) ;;
-tests)
-  python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
+tests)   # TESTS=-k "expr" for a subset
+  python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py ${TESTS:-} 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
+attn)    # decode attention's tile/split/warp settings
+  python3 scripts/device/attn_sweep.py 2>&1 | tee "$OUT/attn.log" ;;
 big)     # a generated 1.1B-parameter llama (TinyLlama shape), Q8_0: 1.17 GB
   python3 - <<'PY'
 import sys; sys.path.insert(0, "tests")

@@ -49,7 +49,8 @@ def main(path):
     for i, L in enumerate(g.layers):
         cache = g.new_cache(64)
         x = torch.from_numpy(states[i]).to(g.device)
-        y = g._layer(i, L, x, pos, cache, i, len(toks)).cpu().numpy()
+        y, d = g._layer(i, L, x, None, pos, cache, i, len(toks))
+        y = (y if d is None else y + d).cpu().numpy()
         want = states[i + 1] if i + 1 < c.n_layer else None
         if want is not None:
             print(f"  layer {i:2d}: {rel(y, want):.2e}  (input rms {np.sqrt((states[i]**2).mean()):.3g})")
@@ -68,7 +69,8 @@ def main(path):
     for i, L in enumerate(g.layers[:-1]):
         x = torch.from_numpy(dec_states[i]).to(g.device)
         hi = cache.gpu.hi
-        y = g._layer(i, L, x, p, cache.gpu, i, len(toks) + 1).cpu().numpy()
+        y, d = g._layer(i, L, x, None, p, cache.gpu, i, len(toks) + 1)
+        y = (y if d is None else y + d).cpu().numpy()
         cache.gpu.hi = hi
         print(f"  layer {i:2d}: {rel(y, dec_states[i + 1]):.2e}  fused={L['fused']}")
     m.close()
