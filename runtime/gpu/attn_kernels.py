@@ -89,8 +89,8 @@ def _attn_combine(pm, pl, pacc, out, xq, xd, n_split, g, DV: tl.constexpr, G: tl
         tl.store(out + hq * DV + ei, o, mask=ei < DV)
 
 
-TILE = 16384        # elements of the (G, BN, D) product tile a program holds
-SPLIT_PROGRAMS = 128  # split the cells until there are about this many programs
+TILE = 8192         # elements of the (G, BN, D) product tile a program holds
+SPLIT_PROGRAMS = 512  # split the cells until there are about this many programs
 WARPS = 4
 
 
