@@ -150,6 +150,17 @@ def test_prep_kernel_equals_the_cpu_steps(rope, n_rot, extras):
     assert pc.cpu().tolist() == [5, -1, -1, 3, 4]
 
 
+def test_decode_reads_the_attention_bucket_of_the_cache():
+    """The bytes a decode step reads from the cache (the benchmark's bandwidth figure): a
+    full-context layer reads its cells up to the position rounded up to 256, capped at its
+    size; a sliding-window ring is read whole. 2 kv heads x (8 + 8) floats + the position."""
+    cache = backend.GpuCache([1000, 300], 2, 8, 8, [0, 100], torch.device("cpu"))
+    cell = 2 * 8 * 4 * 2 + 8
+    assert cache.read_bytes(0) == (256 + 300) * cell
+    assert cache.read_bytes(300) == (512 + 300) * cell
+    assert cache.read_bytes(900) == (1000 + 300) * cell
+
+
 def test_gelu_is_the_cpu_backends_table():
     """GELU on the device looks up ggml's fp16 table as the CPU backend does: equal bit for
     bit, thresholds at +-10 included."""

@@ -118,6 +118,16 @@ class GpuCache:
     def nbytes(self) -> int:
         return sum(t.numel() * 4 for t in self.k + self.v)
 
+    def read_bytes(self, p: int) -> int:
+        """Bytes of cache a decode step at position p reads: the attention bucket of each
+        full-context layer, the whole ring of a sliding-window layer (keys, values and
+        the position of each cell)."""
+        total = 0
+        for k, v, size, window in zip(self.k, self.v, self.sizes, self.windows):
+            cells = size if window else min(size, (p // ATTN_BUCKET + 1) * ATTN_BUCKET)
+            total += cells * (k[0].numel() * 4 + v[0].numel() * 4 + 8)
+        return total
+
     def reusable(self, n: int) -> int:
         """How many leading positions (<= n) can be kept: a sliding-window ring may no
         longer hold the window before position n."""

@@ -2,8 +2,8 @@
 measured memory bandwidth that decode reaches, and llama.cpp's llama-bench on the same file.
 
 Decode reads every offloaded weight once per token, so bytes per token = the device
-weights (+ the KV cells attention reads); tg x bytes per token / measured bandwidth is the
-fraction reached. The bandwidth is measured in the same run: a device-to-device copy of
+weights + the KV cells attention reads (averaged over the tg positions); tg x bytes per
+token / measured bandwidth is the fraction reached. The bandwidth is measured in the same run: a device-to-device copy of
 2 GiB, bytes read plus bytes written, median of 20.
 """
 from __future__ import annotations
@@ -78,7 +78,8 @@ def bench_offload(path: Path, n_prompt: int, n_gen: int, repeat: int, gpu_layers
         pp_tps = statistics.median(n_prompt / pp() for _ in range(repeat))
         tg_tps = statistics.median(n_gen / tg() for _ in range(repeat))
         g = model.gpu
-        per_token = 0 if g is None else g.nbytes + cache.gpu.nbytes
+        per_token = 0 if g is None else g.nbytes + round(statistics.mean(
+            cache.gpu.read_bytes(p) for p in range(1, n_gen + 1)))
         return GpuSpeed(gpu_layers, pp_tps, tg_tps, per_token)
     finally:
         model.close()
