@@ -22,7 +22,7 @@ LOGIT_ERRORS: dict[tuple[str, str], float] = {}
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--run-slow", action="store_true", help="run tests marked slow")
     parser.addoption("--fuzz-cases", type=int, default=300,
-                     help="mutated files per reader in tests/test_fuzz.py (long run: 20000)")
+                     help="mutated files per reader in tests/test_fuzz_*.py (long run: 20000)")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

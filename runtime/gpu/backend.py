@@ -15,12 +15,11 @@ holds. Prompts are evaluated ``UBATCH`` tokens at a time.
 
 On CUDA one decode step (one token through every device layer) is captured as a CUDA
 graph per attention-length bucket and replayed: small models are not bound by launches.
-Rope and the cache write are one Triton kernel, as is the glue of Q8_0 layers' decode
-(fused_kernels.py); the rest of the glue is torch, compiled by torch.compile in graphs.
+The glue between products (norms, residuals, rope and the cache write, the activation)
+is one Triton kernel per step (fused_kernels.py); decode through Q8_0 layers rounds the
+activations in those kernels.
 """
 from __future__ import annotations
-
-import os
 
 import numpy as np
 import torch
@@ -40,23 +39,6 @@ def _rms_norm(x: torch.Tensor, w: torch.Tensor | None, eps: float) -> torch.Tens
     return y if w is None else y * w
 
 
-def _gelu(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """ggml's CPU GELU exactly: the fp16 GELU table (runtime.layers) looked up at the fp16
-    bits of x; 0 at or below -10, the identity at or above 10. (Computing tanh on the
-    device instead differs by an fp16 step in ~1% of elements, enough to move the logits
-    of a real Gemma 3 by 1e-2 per layer.)"""
-    y = table[x.half().view(torch.int16).long() & 0xFFFF]
-    y = torch.where(x <= -10.0, torch.zeros_like(y), y)
-    return torch.where(x >= 10.0, x, y)
-
-
-def _silu(x: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:
-    return x / (1.0 + torch.exp(-x))
-
-
-_ACT = {"silu": _silu, "gelu": _gelu}
-
-
 def _attention(q, keys, values, kv_pos, q_pos, scale: float, window: int) -> torch.Tensor:
     n, n_head, _ = q.shape
     n_kv, n_head_kv, dv = values.shape
@@ -73,33 +55,6 @@ def _attention(q, keys, values, kv_pos, q_pos, scale: float, window: int) -> tor
     p = p / p.sum(-1, keepdim=True, dtype=torch.float64).float()
     out = torch.matmul(p, values.permute(1, 0, 2)[:, None])           # (kv_h, g, n, dv)
     return out.permute(2, 0, 1, 3).reshape(n, n_head * dv)
-
-
-def _mid(x, o, post_attn_norm, ffn_norm, eps: float):
-    """Residual after attention, and the FFN input."""
-    if post_attn_norm is not None:
-        o = _rms_norm(o, post_attn_norm, eps)
-    x = x + o
-    return x, _rms_norm(x, ffn_norm, eps)
-
-
-def _act(gu, n_ff: int, act: str, gelu_table):
-    return _ACT[act](gu[:, :n_ff], gelu_table) * gu[:, n_ff:]
-
-
-def _end(x, f, post_ffn_norm, eps: float):
-    if post_ffn_norm is not None:
-        f = _rms_norm(f, post_ffn_norm, eps)
-    return x + f
-
-
-EAGER = {"norm": _rms_norm, "mid": _mid, "act": _act, "end": _end}
-
-
-def compiled_glue() -> dict:
-    """The element-wise glue between matrix products, fused by torch.compile (CUDA only):
-    one decode step is then a few kernels a layer instead of dozens."""
-    return {k: torch.compile(fn, dynamic=False, fullgraph=True) for k, fn in EAGER.items()}
 
 
 class GpuCache:
@@ -176,8 +131,6 @@ class GpuLayers:
         self._ropes: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._gelu_table = torch.from_numpy(gelu_table()).to(dev)
         self.use_graphs = self.device.type == "cuda"
-        self._fn = EAGER
-        self._compiled = None   # compiled_glue(), made at the first decode graph
 
     @property
     def nbytes(self) -> int:
@@ -235,35 +188,30 @@ class GpuLayers:
              all_rows: bool) -> torch.Tensor:
         """The device layers for x at positions pos; attention reads the first n_attn
         cells of the full-context layers (> the last position)."""
-        pend = None   # the last layer's FFN output, not yet added to x
+        c = self.config
+        pend = None   # the last layer's FFN output and post-FFN norm, not yet added to x
         for i, L in enumerate(self.layers):
             x, pend = self._layer(self.first + i, L, x, pend, pos, cache, i, n_attn)
         if pend is not None:
-            x = x + pend
+            f, w = pend
+            x = x + (f if w is None else _rms_norm(f, w, c.eps))
         if not self.head:
             return x
         if not all_rows:
             x = x[-1:]
-        c = self.config
         logits = ops.matmul(_rms_norm(x, self.output_norm, c.eps), self.output)
         if c.final_softcap:
             logits = torch.tanh(logits * (1.0 / c.final_softcap)) * c.final_softcap
         return logits
 
-    def _layer(self, il: int, L: dict, x: torch.Tensor, pend: torch.Tensor | None,
-               pos: torch.Tensor, cache: GpuCache, i: int, n_attn: int):
-        """One layer; returns (x, d): the FFN output d is left for the next layer's norm
-        to add (the fused decode path), else already added (d None). ``pend`` is the
-        previous layer's such output."""
-        c, f = self.config, self._fn
-        fused = L["fused"] and x.shape[0] == 1
-        if fused:
-            x, *xq = FK.norm_q8(x, L["attn_norm"], c.eps, pend)
-            qkv = ops.matmul_q8(*xq, L["qkv"][0])
-        else:
-            if pend is not None:
-                x = x + pend
-            qkv = ops.matmul_group(f["norm"](x, L["attn_norm"], c.eps), L["qkv"])
+    def _layer(self, il: int, L: dict, x: torch.Tensor, pend: tuple | None, pos: torch.Tensor,
+               cache: GpuCache, i: int, n_attn: int) -> tuple[torch.Tensor, tuple]:
+        """One layer; returns (x, (f, w)): the FFN output f and the post-FFN norm w are left
+        for the next layer's norm kernel to add. ``pend`` is the previous layer's pair."""
+        c = self.config
+        q8 = L["fused"] and x.shape[0] == 1   # decode through Q8_0 planes: rounded activations
+        x, *h = FK.norm(x, L["attn_norm"], c.eps, *(pend or (None, None)), quant=q8)
+        qkv = ops.matmul_q8(*h, L["qkv"][0]) if q8 else ops.matmul_group(h[0], L["qkv"])
         size, window = cache.sizes[i], cache.windows[i]
         cos_t, sin_t = self._ropes[c.is_swa(il)]
         kc, vc, pc = cache.k[i], cache.v[i], cache.pos[i]
@@ -272,22 +220,16 @@ class GpuLayers:
                     c.attn_scale if c.traits.q_scale_on_q else None, size)
         m = size if window else min(size, n_attn)
         scale = 1.0 if c.traits.q_scale_on_q else c.attn_scale
-        if fused:
-            o = ops.matmul_q8(*decode_attention(q, kc, vc, pc, pos, scale, window, m, quant=True), L["wo"])
-            x, *xq = FK.mid_q8(x, o, L["post_attn_norm"], L["ffn_norm"], c.eps)
-            gu = ops.matmul_q8(*xq, L["gate_up"][0])
-            d = ops.matmul_q8(*FK.act_q8(gu, c.n_ff, c.traits.act, self._gelu_table), L["down"])
-            if L["post_ffn_norm"] is None:
-                return x, d
-            return f["end"](x, d, L["post_ffn_norm"], c.eps), None
         if q.shape[0] == 1:   # decode: two Triton launches reading the cache in place
-            a = decode_attention(q, kc, vc, pc, pos, scale, window, m)
+            a = decode_attention(q, kc, vc, pc, pos, scale, window, m, quant=q8)
         else:
             a = _attention(q, kc[:m], vc[:m], pc[:m], pos, scale, window)
-        o = ops.matmul(a, L["wo"])
-        x, h = f["mid"](x, o, L["post_attn_norm"], L["ffn_norm"], c.eps)
-        g = f["act"](ops.matmul_group(h, L["gate_up"]), c.n_ff, c.traits.act, self._gelu_table)
-        return f["end"](x, ops.matmul(g, L["down"]), L["post_ffn_norm"], c.eps), None
+        o = ops.matmul_q8(*a, L["wo"]) if q8 else ops.matmul(a, L["wo"])
+        x, *h = FK.mid(x, o, L["post_attn_norm"], L["ffn_norm"], c.eps, quant=q8)
+        gu = ops.matmul_q8(*h, L["gate_up"][0]) if q8 else ops.matmul_group(h[0], L["gate_up"])
+        g = FK.act(gu, c.n_ff, c.traits.act, self._gelu_table, quant=q8)
+        f = ops.matmul_q8(*g, L["down"]) if q8 else ops.matmul(g, L["down"])
+        return x, (f, L["post_ffn_norm"])
 
     # -- CUDA graphs for decode ---------------------------------------------------------
     def _decode_graph(self, x: np.ndarray, p: int, cache: GpuCache) -> torch.Tensor:
@@ -295,15 +237,7 @@ class GpuLayers:
         cache and attention length: full-context layers read the first n_attn cells, the
         position rounded up to ATTN_BUCKET (later cells are empty)."""
         n_attn = min(max(cache.sizes), (p // ATTN_BUCKET + 1) * ATTN_BUCKET)
-        entry = cache.graphs.get(n_attn)
-        if entry is None:
-            if self._compiled is None:
-                self._compiled = compiled_glue() if os.environ.get("GGFORGE_GPU_COMPILE", "1") != "0" else EAGER
-            self._fn = self._compiled
-            try:
-                entry = self._capture(x, p, cache, n_attn)
-            finally:
-                self._fn = EAGER
+        entry = cache.graphs.get(n_attn) or self._capture(x, p, cache, n_attn)
         graph, x_in, pos_in, out = entry
         x_in.copy_(torch.from_numpy(np.ascontiguousarray(x, np.float32)))
         pos_in.fill_(p)

@@ -1,12 +1,15 @@
-"""Decode glue fused with the rounding of activations to Q8_0 (layers whose weights are all
-Q8_0 planes): each kernel ends by writing int8 quants and scales, which the planar
-matrix-vector kernel reads (q8_kernels._gemv with PRE), so no separate rounding launch.
+"""The glue between matrix products, one Triton kernel each (a program per token):
 
-* ``_norm_q8``: [x += the previous layer's FFN output], h = rms_norm(x) * w, rounded (the
-  attention input).
-* ``_mid_q8``: x += [rms_norm(o) * w_post], h = rms_norm(x) * w_ffn, rounded (FFN input).
-* ``_act_q8``: act(gate) * up (SiLU, or ggml's fp16 GELU table), rounded (ffn_down input).
-* ``_prep`` (any layer): q|k|v -> [bias], [q/k norms], rope, the cache write, the queries.
+* ``_norm``: [x += the previous layer's FFN output (after its post-FFN norm)],
+  h = rms_norm(x) * w (the attention input).
+* ``_mid``: x += [rms_norm(o) * w_post | o], h = rms_norm(x) * w_ffn (the FFN input).
+* ``_act``: act(gate) * up (SiLU, or ggml's fp16 GELU table) (the ffn_down input).
+* ``_prep``: q|k|v -> [bias], [q/k norms], rope, the cache write, the queries.
+
+With ``QUANT`` (decode through layers whose weights are all Q8_0 planes) a kernel ends by
+rounding h to Q8_0, int8 quants and scales that the planar matrix-vector kernel reads
+(q8_kernels._gemv), so no separate rounding launch; else h is float32 and the product
+rounds it as the weight's type needs.
 
 The arithmetic is the CPU backend's: squares in float32 summed in float64, the mean and
 scale in float32 with correctly rounded sqrt and division; the GELU is the table lookup.
@@ -34,29 +37,38 @@ def _rms(x, w, n, eps, HAS_W: tl.constexpr):
 
 
 @triton.jit
-def _store_q8(v, xq, xd, t, n, BN: tl.constexpr):
-    """Round v (1, BN) (zero past n) to Q8_0 blocks and store row t."""
-    q, d = _round_q8_0(v, 1, BN)
+def _store(v, xq, xd, t, n, QUANT: tl.constexpr, BN: tl.constexpr):
+    """Row t of the result v (1, BN) (zero past n): rounded to Q8_0 blocks (int8 quants in
+    xq, float32 scales in xd), or as float32 in xq."""
     k = tl.arange(0, BN)
-    tl.store(xq + t * n + k, tl.reshape(q, (BN,)).to(tl.int8), mask=k < n)
-    b = tl.arange(0, BN // 32)
-    tl.store(xd + t * (n // 32) + b, tl.reshape(d, (BN // 32,)), mask=b < n // 32)
+    if QUANT:
+        q, d = _round_q8_0(v, 1, BN)
+        tl.store(xq + t * n + k, tl.reshape(q, (BN,)).to(tl.int8), mask=k < n)
+        b = tl.arange(0, BN // 32)
+        tl.store(xd + t * (n // 32) + b, tl.reshape(d, (BN // 32,)), mask=b < n // 32)
+    else:
+        tl.store(xq + t * n + k, tl.reshape(v, (BN,)), mask=k < n)
 
 
 @triton.jit
-def _norm_q8(x, r, w, x_out, xq, xd, n, eps, HAS_R: tl.constexpr, BN: tl.constexpr):
+def _norm(x, r, r_w, w, x_out, xq, xd, n, eps, HAS_R: tl.constexpr, R_NORM: tl.constexpr,
+          QUANT: tl.constexpr, BN: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     k = tl.arange(0, BN)[None, :]
-    xv = tl.load(x + t * n + k, mask=k < n, other=0.0)
-    if HAS_R:   # the previous layer's residual add
-        xv += tl.load(r + t * n + k, mask=k < n, other=0.0)
-        tl.store(x_out + t * n + k, xv, mask=k < n)
-    wv = tl.load(w + k, mask=k < n, other=0.0)
-    _store_q8(_rms(xv, wv, n, eps, True), xq, xd, t, n, BN)
+    m = k < n
+    xv = tl.load(x + t * n + k, mask=m, other=0.0)
+    if HAS_R:   # the previous layer's residual add [after its post-FFN norm]
+        rv = tl.load(r + t * n + k, mask=m, other=0.0)
+        if R_NORM:
+            rv = _rms(rv, tl.load(r_w + k, mask=m, other=0.0), n, eps, True)
+        xv += rv
+        tl.store(x_out + t * n + k, xv, mask=m)
+    _store(_rms(xv, tl.load(w + k, mask=m, other=0.0), n, eps, True), xq, xd, t, n, QUANT, BN)
 
 
 @triton.jit
-def _mid_q8(x, o, w_post, w_ffn, x_out, xq, xd, n, eps, HAS_POST: tl.constexpr, BN: tl.constexpr):
+def _mid(x, o, w_post, w_ffn, x_out, xq, xd, n, eps, HAS_POST: tl.constexpr, QUANT: tl.constexpr,
+         BN: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     k = tl.arange(0, BN)[None, :]
     m = k < n
@@ -65,17 +77,18 @@ def _mid_q8(x, o, w_post, w_ffn, x_out, xq, xd, n, eps, HAS_POST: tl.constexpr, 
         ov = _rms(ov, tl.load(w_post + k, mask=m, other=0.0), n, eps, True)
     xv = tl.load(x + t * n + k, mask=m, other=0.0) + ov
     tl.store(x_out + t * n + k, xv, mask=m)
-    _store_q8(_rms(xv, tl.load(w_ffn + k, mask=m, other=0.0), n, eps, True), xq, xd, t, n, BN)
+    _store(_rms(xv, tl.load(w_ffn + k, mask=m, other=0.0), n, eps, True), xq, xd, t, n, QUANT, BN)
 
 
 @triton.jit
-def _act_q8(gu, table, xq, xd, n_ff, GELU: tl.constexpr, BK: tl.constexpr):
-    """Program (token, 128-column chunk): quant blocks never straddle chunks."""
+def _act(gu, table, xq, xd, n_ff, GELU: tl.constexpr, QUANT: tl.constexpr, BK: tl.constexpr):
+    """Program (token, BK-column chunk); quant blocks never straddle chunks."""
     t = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
     k = c * BK + tl.arange(0, BK)[None, :]
-    g = tl.load(gu + t * 2 * n_ff + k)
-    u = tl.load(gu + t * 2 * n_ff + n_ff + k)
+    m = k < n_ff
+    g = tl.load(gu + t * 2 * n_ff + k, mask=m, other=0.0)
+    u = tl.load(gu + t * 2 * n_ff + n_ff + k, mask=m, other=0.0)
     if GELU:
         bits = g.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
         y = tl.load(table + bits)
@@ -83,38 +96,57 @@ def _act_q8(gu, table, xq, xd, n_ff, GELU: tl.constexpr, BK: tl.constexpr):
         a = tl.where(g >= 10.0, g, y)
     else:
         a = g / (1.0 + tl.exp(-g))
-    q, d = _round_q8_0(a * u, 1, BK)
-    tl.store(xq + t * n_ff + k, tl.reshape(q, (1, BK)).to(tl.int8))
-    tl.store(xd + t * (n_ff // 32) + c * (BK // 32) + tl.arange(0, BK // 32), tl.reshape(d, (BK // 32,)))
+    v = a * u
+    if QUANT:
+        q, d = _round_q8_0(v, 1, BK)
+        tl.store(xq + t * n_ff + k, tl.reshape(q, (1, BK)).to(tl.int8))
+        tl.store(xd + t * (n_ff // 32) + c * (BK // 32) + tl.arange(0, BK // 32), tl.reshape(d, (BK // 32,)))
+    else:
+        tl.store(xq + t * n_ff + k, v, mask=m)
 
 
-def norm_q8(x: torch.Tensor, w: torch.Tensor, eps: float, r: torch.Tensor | None = None):
-    """(x [+ r], rounded rms_norm(x [+ r]) * w as quants and scales)."""
+def _out(n_tok: int, n: int, quant: bool, device) -> tuple:
+    if quant:
+        return act_buffers(n_tok, n, device)
+    h = torch.empty((n_tok, n), dtype=torch.float32, device=device)
+    return h, h
+
+
+def norm(x: torch.Tensor, w: torch.Tensor, eps: float, r: torch.Tensor | None = None,
+         r_w: torch.Tensor | None = None, quant: bool = True):
+    """rms_norm(x') * w with x' = x [+ (rms_norm(r) * r_w if r_w else r)]: (x', quants,
+    scales) when ``quant``, else (x', h)."""
     n_tok, n = x.shape
-    xq, xd = act_buffers(n_tok, n, x.device)
+    xq, xd = _out(n_tok, n, quant, x.device)
     x_out = x if r is None else torch.empty_like(x)
-    _norm_q8[(n_tok,)](x, x if r is None else r, w, x_out, xq, xd, n, float(eps), HAS_R=r is not None,
-                       BN=triton.next_power_of_2(n), num_warps=4, enable_fp_fusion=False)
-    return x_out, xq, xd
+    _norm[(n_tok,)](x, x if r is None else r, w if r_w is None else r_w, w, x_out, xq, xd, n,
+                    float(eps), HAS_R=r is not None, R_NORM=r_w is not None, QUANT=quant,
+                    BN=triton.next_power_of_2(n), num_warps=4, enable_fp_fusion=False)
+    return (x_out, xq, xd) if quant else (x_out, xq)
 
 
-def mid_q8(x: torch.Tensor, o: torch.Tensor, w_post: torch.Tensor | None, w_ffn: torch.Tensor,
-           eps: float):
+def mid(x: torch.Tensor, o: torch.Tensor, w_post: torch.Tensor | None, w_ffn: torch.Tensor,
+        eps: float, quant: bool = True):
+    """x' = x + [rms_norm(o) * w_post | o]; the FFN input rms_norm(x') * w_ffn: (x', quants,
+    scales) when ``quant``, else (x', h)."""
     n_tok, n = x.shape
     x_out = torch.empty_like(x)
-    xq, xd = act_buffers(n_tok, n, x.device)
-    _mid_q8[(n_tok,)](x, o, w_ffn if w_post is None else w_post, w_ffn, x_out, xq, xd, n,
-                      float(eps), HAS_POST=w_post is not None, BN=triton.next_power_of_2(n),
-                      num_warps=4)
-    return x_out, xq, xd
+    xq, xd = _out(n_tok, n, quant, x.device)
+    _mid[(n_tok,)](x, o, w_ffn if w_post is None else w_post, w_ffn, x_out, xq, xd, n,
+                   float(eps), HAS_POST=w_post is not None, QUANT=quant,
+                   BN=triton.next_power_of_2(n), num_warps=4, enable_fp_fusion=False)
+    return (x_out, xq, xd) if quant else (x_out, xq)
 
 
-def act_q8(gu: torch.Tensor, n_ff: int, act: str, gelu_table: torch.Tensor):
+def act(gu: torch.Tensor, n_ff: int, kind: str, gelu_table: torch.Tensor, quant: bool = True):
+    """act(gate) * up from the fused gate|up product (n_tok, 2 n_ff): (quants, scales) when
+    ``quant`` (n_ff a multiple of 32), else the float32 (n_tok, n_ff)."""
     n_tok = gu.shape[0]
-    xq, xd = act_buffers(n_tok, n_ff, gu.device)
-    _act_q8[(n_tok, n_ff // 128)](gu, gelu_table, xq, xd, n_ff, GELU=act == "gelu", BK=128,
-                                  num_warps=4, enable_fp_fusion=False)
-    return xq, xd
+    xq, xd = _out(n_tok, n_ff, quant, gu.device)
+    bk = 128 if n_ff % 128 == 0 or not quant else 32
+    _act[(n_tok, triton.cdiv(n_ff, bk))](gu, gelu_table, xq, xd, n_ff, GELU=kind == "gelu",
+                                          QUANT=quant, BK=bk, num_warps=4, enable_fp_fusion=False)
+    return (xq, xd) if quant else xq
 
 
 @triton.jit

@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import torch
 
+from ggforge.runtime.gpu import backend
 from ggforge.runtime.model import Model
 
 PROMPT = [2, 4077, 3355, 496, 990, 236764, 528, 496, 1944, 13610, 236764]
@@ -15,6 +16,12 @@ PROMPT = [2, 4077, 3355, 496, 990, 236764, 528, 496, 1944, 13610, 236764]
 
 def rel(a, b) -> float:
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+def finish(x, pend, eps):
+    """A device layer's output with its FFN output added (the next layer's norm does it)."""
+    f, w = pend
+    return (x + (f if w is None else backend._rms_norm(f, w, eps))).cpu().numpy()
 
 
 def cpu_states(path, toks):
@@ -49,8 +56,7 @@ def main(path):
     for i, L in enumerate(g.layers):
         cache = g.new_cache(64)
         x = torch.from_numpy(states[i]).to(g.device)
-        y, d = g._layer(i, L, x, None, pos, cache, i, len(toks))
-        y = (y if d is None else y + d).cpu().numpy()
+        y = finish(*g._layer(i, L, x, None, pos, cache, i, len(toks)), c.eps)
         want = states[i + 1] if i + 1 < c.n_layer else None
         if want is not None:
             print(f"  layer {i:2d}: {rel(y, want):.2e}  (input rms {np.sqrt((states[i]**2).mean()):.3g})")
@@ -69,8 +75,7 @@ def main(path):
     for i, L in enumerate(g.layers[:-1]):
         x = torch.from_numpy(dec_states[i]).to(g.device)
         hi = cache.gpu.hi
-        y, d = g._layer(i, L, x, None, p, cache.gpu, i, len(toks) + 1)
-        y = (y if d is None else y + d).cpu().numpy()
+        y = finish(*g._layer(i, L, x, None, p, cache.gpu, i, len(toks) + 1), c.eps)
         cache.gpu.hi = hi
         print(f"  layer {i:2d}: {rel(y, dec_states[i + 1]):.2e}  fused={L['fused']}")
     m.close()
