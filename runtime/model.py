@@ -20,6 +20,9 @@ from ggforge.runtime.kv_cache import KVCache
 from ggforge.runtime.layers import ACTIVATIONS, apply_rope, attention, rms_norm, rope_cache
 
 F32 = np.float32
+# llama.cpp's CUDA backend runs a host-resident weight's product on the GPU from this many
+# tokens (ggml-cuda's offload_op min batch size)
+OFFLOAD_MIN_BATCH = 32
 
 
 @dataclass
@@ -195,11 +198,20 @@ class Model:
             logits = np.tanh(logits * (F32(1.0) / cap)) * cap
         return logits
 
+    def _matmul(self, x: np.ndarray, w: kernels.QWeight) -> np.ndarray:
+        """x @ W.T; with layers offloaded, a CPU layer's product over a batch of at least
+        OFFLOAD_MIN_BATCH tokens runs on the device (the weight copied there for the one
+        product), as llama.cpp's CUDA backend takes such products."""
+        if self.gpu is not None and x.shape[0] >= OFFLOAD_MIN_BATCH:
+            return self.gpu.host_matmul(x, w)
+        return kernels.matmul(x, w)
+
     def _layer(self, il: int, L: Layer, x: np.ndarray, pos: np.ndarray, cache: KVCache,
                cos: np.ndarray, sin: np.ndarray, window: int) -> np.ndarray:
         c, n = self.config, x.shape[0]
         h = rms_norm(x, L.attn_norm, c.eps)
-        q, k, v = kernels.matmul(h, L.wq), kernels.matmul(h, L.wk), kernels.matmul(h, L.wv)
+        mm = self._matmul
+        q, k, v = mm(h, L.wq), mm(h, L.wk), mm(h, L.wv)
         if L.bq is not None:
             q, k, v = q + L.bq, k + L.bk, v + L.bv
         q = q.reshape(n, c.n_head, c.head_dim)                           # (n, n_head, d)
@@ -215,13 +227,13 @@ class Model:
         keys, values = cache.store(il, pos[0], k, v)
         a = attention(q, keys, values, pos, scale, window,
                       k_f16=cache.k_f16, v_f16=cache.v_f16)             # (n, n_head * dv)
-        o = kernels.matmul(a, L.wo)
+        o = mm(a, L.wo)
         if L.post_attn_norm is not None:
             o = rms_norm(o, L.post_attn_norm, c.eps)
         x = x + o
         h = rms_norm(x, L.ffn_norm, c.eps)
-        f = ACTIVATIONS[c.traits.act](kernels.matmul(h, L.gate)) * kernels.matmul(h, L.up)
-        f = kernels.matmul(f, L.down)
+        f = ACTIVATIONS[c.traits.act](mm(h, L.gate)) * mm(h, L.up)
+        f = mm(f, L.down)
         if L.post_ffn_norm is not None:
             f = rms_norm(f, L.post_ffn_norm, c.eps)
         return x + f

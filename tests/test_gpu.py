@@ -214,6 +214,33 @@ def test_offloaded_layers_follow_the_cpu_backend(q4km, arch, where):
     assert tokens == ref_tokens
 
 
+def test_prompt_products_of_cpu_layers_run_on_the_device(q4km, monkeypatch):
+    """With layers offloaded, a CPU layer's products over a batch of OFFLOAD_MIN_BATCH
+    tokens or more run on the device, as llama.cpp's CUDA backend takes them (32 there; 4
+    here, for a short prompt); single-token steps stay on the CPU. Logits and a greedy
+    continuation still follow the CPU run."""
+    from ggforge.runtime import model as model_mod
+    monkeypatch.setattr(model_mod, "OFFLOAD_MIN_BATCH", 4)
+    path = q4km("llama3")
+    with load(path) as m:
+        ids = m.tokenize(PROMPT)
+        ref = m.eval(ids)
+        ref_tokens = list(m.generate_tokens(ids, max_tokens=6, settings=GREEDY))
+        n_layer = m.model.config.n_layer
+    batches = []
+    host_matmul = backend.GpuLayers.host_matmul
+    monkeypatch.setattr(backend.GpuLayers, "host_matmul",
+                        lambda self, x, w: batches.append(x.shape[0]) or host_matmul(self, x, w))
+    with load(path, gpu_layers=n_layer // 2, device=DEVICE) as m:
+        got = m.eval(ids)
+        n_cpu = m.model.n_cpu_layers
+        tokens = list(m.generate_tokens(ids, max_tokens=6, settings=GREEDY))
+    assert n_cpu > 0 and len(batches) >= 7 * n_cpu and set(batches) == {len(ids)}
+    err = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
+    assert err < 2e-2, err
+    assert tokens == ref_tokens
+
+
 @pytest.mark.parametrize("arch", ["llama3", "gemma3"])
 def test_fused_q8_0_decode_follows_the_cpu_backend(tiny_model, tmp_path, arch):
     """Q8_0 layers decode through the fused kernels (norm, residual and activation each

@@ -138,6 +138,13 @@ class GpuLayers:
                     for w in (v if isinstance(v, list) else [v]) if isinstance(w, ops.GWeight))
         return total + (self.output.nbytes if self.head else 0)
 
+    def host_matmul(self, x: np.ndarray, w) -> np.ndarray:
+        """x @ W.T for a weight of a CPU layer (a large batch): the weight is copied to the
+        device for this product only, as llama.cpp does; the result comes back."""
+        gw = ops.GWeight.upload(w, self.device)
+        xt = torch.from_numpy(np.ascontiguousarray(x, np.float32)).to(self.device)
+        return ops.matmul(xt, gw).cpu().numpy()
+
     # -- cache and rope tables --------------------------------------------------------
     def new_cache(self, n_ctx: int) -> GpuCache:
         c = self.config

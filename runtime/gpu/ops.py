@@ -10,6 +10,7 @@ kernel (prefill); both dequantize inside the kernel (triton_kernels.py).
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,14 +59,17 @@ class GWeight:
     @classmethod
     def upload(cls, w: QWeight, device: torch.device | str) -> "GWeight":
         t = int(w.ggml_type)
-        if t == int(T.Q8_0) and w.n_in % 128 == 0:   # same bytes, regrouped (triton_kernels.py)
-            blocks = np.asarray(w.raw).reshape(w.n_out, w.n_in // 32, 34)
-            qs = torch.from_numpy(np.ascontiguousarray(blocks[:, :, 2:]).view(np.int8).reshape(w.n_out, w.n_in))
-            ds = torch.from_numpy(np.ascontiguousarray(blocks[:, :, :2]).view(np.float16).reshape(w.n_out, -1))
-            planes = (qs.to(device), ds.to(device))
+        with warnings.catch_warnings():   # the file's read-only pages: copied, never written
+            warnings.simplefilter("ignore", UserWarning)
+            data = torch.from_numpy(np.ascontiguousarray(w.raw).view(np.uint8)).to(device)
+        if t == int(T.Q8_0) and w.n_in % 128 == 0:   # same bytes, regrouped on the device
+            blocks = data.reshape(w.n_out, w.n_in // 32, 34)
+            planes = (blocks[:, :, 2:].contiguous().view(torch.int8).reshape(w.n_out, w.n_in),
+                      blocks[:, :, :2].contiguous().view(torch.float16).reshape(w.n_out, -1))
             bk = 512 if w.n_in % 512 == 0 else 256 if w.n_in % 256 == 0 else 128
             return cls(planes[0], t, w.n_in, w.n_out, ACT["q8_0"], bk, planes)
-        data = torch.from_numpy(np.array(w.raw, copy=True)).to(device)
+        if torch.device(device).type == "cpu":
+            data = data.clone()            # on the CPU .to() kept the file's pages
         if t in FLOATS:
             data = data.view(FLOATS[t]).reshape(w.n_out, w.n_in)
             bk = 128
