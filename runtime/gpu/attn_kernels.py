@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ggforge.runtime.gpu import pdl
+
 from ggforge.runtime.gpu.q8_kernels import _round_q8_0
 
 _FLOOR = tl.constexpr(-1e30)  # a finite "no score yet": exp(_FLOOR - m) is 0, never NaN
@@ -27,6 +29,7 @@ _FLOOR = tl.constexpr(-1e30)  # a finite "no score yet": exp(_FLOOR - m) is 0, n
 def _attn_split(q, kc, vc, pc, qpos_p, pm, pl, pacc, scale, window, m, n_head_kv, g,
                 CPS: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, G: tl.constexpr,
                 DP: tl.constexpr, DVP: tl.constexpr, BN: tl.constexpr):
+    pdl.start()
     h = tl.program_id(0)
     s = tl.program_id(1)
     n_split = tl.num_programs(1)
@@ -68,6 +71,7 @@ def _attn_split(q, kc, vc, pc, qpos_p, pm, pl, pacc, scale, window, m, n_head_kv
 @triton.jit
 def _attn_combine(pm, pl, pacc, out, xq, xd, n_split, g, DV: tl.constexpr, G: tl.constexpr,
                   DVP: tl.constexpr, SP: tl.constexpr, QUANT: tl.constexpr):
+    pdl.start()
     hq = tl.program_id(0)
     h = hq // g
     j = hq % g
@@ -114,10 +118,11 @@ def decode_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, pc: to
     pacc = torch.empty((n_head_kv, n_split, G, DVP), dtype=torch.float32, device=dev)
     _attn_split[(n_head_kv, n_split)](q.contiguous(), kc, vc, pc, qpos, pm, pl, pacc, float(scale),
                                       int(window), m, n_head_kv, g, CPS=per, D=d, DV=dv, G=G,
-                                      DP=DP, DVP=DVP, BN=bn, num_warps=WARPS)
+                                      DP=DP, DVP=DVP, BN=bn, num_warps=WARPS, **pdl.LAUNCH)
     out = torch.empty((1, n_head * dv), dtype=torch.float32, device=dev)
     xq = torch.empty((1, n_head * dv), dtype=torch.int8, device=dev) if quant else out
     xd = torch.empty((1, n_head * dv // 32), dtype=torch.float32, device=dev) if quant else out
     _attn_combine[(n_head,)](pm, pl, pacc, out, xq, xd, n_split, g, DV=dv, G=G, DVP=DVP,
-                             SP=max(2, triton.next_power_of_2(n_split)), QUANT=quant, num_warps=1)
+                             SP=max(2, triton.next_power_of_2(n_split)), QUANT=quant, num_warps=1,
+                             **pdl.LAUNCH)
     return (xq, xd) if quant else out

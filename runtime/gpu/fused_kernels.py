@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ggforge.runtime.gpu import pdl
+
 from ggforge.runtime.gpu.q8_kernels import _round_q8_0, act_buffers
 
 
@@ -53,6 +55,7 @@ def _store(v, xq, xd, t, n, QUANT: tl.constexpr, BN: tl.constexpr):
 @triton.jit
 def _norm(x, r, r_w, w, x_out, xq, xd, n, eps, HAS_R: tl.constexpr, R_NORM: tl.constexpr,
           QUANT: tl.constexpr, BN: tl.constexpr):
+    pdl.start()
     t = tl.program_id(0).to(tl.int64)
     k = tl.arange(0, BN)[None, :]
     m = k < n
@@ -69,6 +72,7 @@ def _norm(x, r, r_w, w, x_out, xq, xd, n, eps, HAS_R: tl.constexpr, R_NORM: tl.c
 @triton.jit
 def _mid(x, o, w_post, w_ffn, x_out, xq, xd, n, eps, HAS_POST: tl.constexpr, QUANT: tl.constexpr,
          BN: tl.constexpr):
+    pdl.start()
     t = tl.program_id(0).to(tl.int64)
     k = tl.arange(0, BN)[None, :]
     m = k < n
@@ -83,6 +87,7 @@ def _mid(x, o, w_post, w_ffn, x_out, xq, xd, n, eps, HAS_POST: tl.constexpr, QUA
 @triton.jit
 def _act(gu, table, xq, xd, n_ff, GELU: tl.constexpr, QUANT: tl.constexpr, BK: tl.constexpr):
     """Program (token, BK-column chunk); quant blocks never straddle chunks."""
+    pdl.start()
     t = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
     k = c * BK + tl.arange(0, BK)[None, :]
@@ -121,7 +126,7 @@ def norm(x: torch.Tensor, w: torch.Tensor, eps: float, r: torch.Tensor | None = 
     x_out = x if r is None else torch.empty_like(x)
     _norm[(n_tok,)](x, x if r is None else r, w if r_w is None else r_w, w, x_out, xq, xd, n,
                     float(eps), HAS_R=r is not None, R_NORM=r_w is not None, QUANT=quant,
-                    BN=triton.next_power_of_2(n), num_warps=4, enable_fp_fusion=False)
+                    BN=triton.next_power_of_2(n), num_warps=4, enable_fp_fusion=False, **pdl.LAUNCH)
     return (x_out, xq, xd) if quant else (x_out, xq)
 
 
@@ -134,7 +139,7 @@ def mid(x: torch.Tensor, o: torch.Tensor, w_post: torch.Tensor | None, w_ffn: to
     xq, xd = _out(n_tok, n, quant, x.device)
     _mid[(n_tok,)](x, o, w_ffn if w_post is None else w_post, w_ffn, x_out, xq, xd, n,
                    float(eps), HAS_POST=w_post is not None, QUANT=quant,
-                   BN=triton.next_power_of_2(n), num_warps=4, enable_fp_fusion=False)
+                   BN=triton.next_power_of_2(n), num_warps=4, enable_fp_fusion=False, **pdl.LAUNCH)
     return (x_out, xq, xd) if quant else (x_out, xq)
 
 
@@ -145,7 +150,8 @@ def act(gu: torch.Tensor, n_ff: int, kind: str, gelu_table: torch.Tensor, quant:
     xq, xd = _out(n_tok, n_ff, quant, gu.device)
     bk = 128 if n_ff % 128 == 0 or not quant else 32
     _act[(n_tok, triton.cdiv(n_ff, bk))](gu, gelu_table, xq, xd, n_ff, GELU=kind == "gelu",
-                                          QUANT=quant, BK=bk, num_warps=4, enable_fp_fusion=False)
+                                          QUANT=quant, BK=bk, num_warps=4, enable_fp_fusion=False,
+                                          **pdl.LAUNCH)
     return (xq, xd) if quant else xq
 
 
@@ -159,6 +165,7 @@ def _prep(qkv, pos_p, cos_t, sin_t, kc, vc, pc, bias, qn, kn, q_out, n_head, n_h
     RMS norm], rope (each element and its pair partner, loaded separately, go through the
     same arithmetic), [x attn scale for q]; keys, values and the position are written to
     cell pos % size. The CPU backend's order of operations, no fused multiply-adds."""
+    pdl.start()
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_p + t)
     row = qkv + t * ((n_head + n_head_kv) * D + n_head_kv * DV)
@@ -224,5 +231,5 @@ def prep(qkv, pos, cos_t, sin_t, kc, vc, pc, bias, q_norm, k_norm, n_head: int, 
                 DP=triton.next_power_of_2(d), KVP=max(2, triton.next_power_of_2(n_head_kv)),
                 DVP=triton.next_power_of_2(dv), NEOX=rope != "norm", HAS_B=bias is not None,
                 HAS_NORM=q_norm is not None, QSCALE=q_scale is not None, num_warps=4,
-                enable_fp_fusion=False)
+                enable_fp_fusion=False, **pdl.LAUNCH)
     return q

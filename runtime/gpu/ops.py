@@ -25,6 +25,7 @@ if not torch.cuda.is_available():  # the CPU runs the same kernels in Triton's i
 
 import triton  # noqa: E402
 
+from ggforge.runtime.gpu import pdl  # noqa: E402
 from ggforge.runtime.gpu import q8_kernels as Q8  # noqa: E402
 from ggforge.runtime.gpu import triton_kernels as K  # noqa: E402
 
@@ -114,7 +115,7 @@ def matmul(x: torch.Tensor, w: GWeight, out: torch.Tensor | None = None) -> torc
         bk = 512 if w.n_in % 512 == 0 and 512 % w.bk == 0 else w.bk
         grid = (triton.cdiv(w.n_out, bm), n_tok)
         K._gemv[grid](w.data, x, out, tab, w.n_out, w.n_in, w.row_stride,
-                      TYPE=w.ggml_type, ACT=w.act, BM=bm, BK=bk, num_warps=nw)
+                      TYPE=w.ggml_type, ACT=w.act, BM=bm, BK=bk, num_warps=nw, **pdl.LAUNCH)
     else:
         bt, bm = (64, 128) if INTERPRET else (32, 32)
         bk = min(w.bk, 128) if w.act != ACT["q8_K"] else 256
@@ -134,7 +135,7 @@ def _matmul_q8_0(x: torch.Tensor, w: GWeight, out: torch.Tensor) -> torch.Tensor
     """Round the activations to Q8_0 once, then integer block sums against the planes."""
     n_tok = x.shape[0]
     xq, xd = Q8.act_buffers(n_tok, w.n_in, x.device)
-    Q8._quant_act[(n_tok, w.n_in // 128)](x, xq, xd, w.n_in, BK=128)
+    Q8._quant_act[(n_tok, w.n_in // 128)](x, xq, xd, w.n_in, BK=128, **pdl.LAUNCH)
     return matmul_q8(xq, xd, w, out)
 
 
@@ -151,7 +152,7 @@ def matmul_q8(xq: torch.Tensor, xd: torch.Tensor, w: GWeight,
         if w.n_in % cfg["BK"]:
             cfg["BK"] = w.bk
         Q8._gemv[(triton.cdiv(w.n_out, cfg["BM"]), n_tok)](
-            q.view(torch.int32), d, xq.view(torch.int32), xd, out, w.n_out, w.n_in, **cfg)
+            q.view(torch.int32), d, xq.view(torch.int32), xd, out, w.n_out, w.n_in, **cfg, **pdl.LAUNCH)
         return out
     cfg = dict(BT=64, BM=128, BK=128, num_warps=4) if INTERPRET else Q8_GEMM
     grid = (triton.cdiv(w.n_out, cfg["BM"]), triton.cdiv(n_tok, cfg["BT"]))

@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ggforge.runtime.gpu import pdl
+
 from ggforge.runtime.gpu.triton_kernels import _rne
 
 _INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
@@ -58,6 +60,7 @@ def _gemv(q, d, xw, xd, y, n_out, n_in: tl.constexpr, BM: tl.constexpr, BK: tl.c
     """y[t, rows] = x[t] . W[rows]: program (row block, token). q is the quant plane as
     int32 words (four int8 each), d the fp16 scale plane; xw, xd the rounded activations
     (int32 words of int8 quants, float32 scales)."""
+    pdl.start()
     pid = tl.program_id(0)
     t = tl.program_id(1).to(tl.int64)
     rows = pid * BM + tl.arange(0, BM)
@@ -85,6 +88,7 @@ def act_buffers(n_tok: int, n: int, device) -> tuple:
 def _quant_act(x, xq, xd, n_in, BK: tl.constexpr):
     """Round activation rows to Q8_0: xq int8 (n_tok, n_in), xd float32 (n_tok, n_in/32).
     Program (token, column block)."""
+    pdl.start()
     t = tl.program_id(0).to(tl.int64)
     cb = tl.program_id(1)
     k = cb * BK + tl.arange(0, BK)

@@ -24,6 +24,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ggforge.runtime.gpu import pdl
+
 C = tl.constexpr  # module constants a kernel reads must be constexpr objects
 
 # ggml type ids (gguf.GGMLQuantizationType) used as compile-time switches
@@ -218,6 +220,7 @@ def _act(x, BT: tl.constexpr, BK: tl.constexpr, ACT: tl.constexpr):
 def _gemv(w, x, y, tab, n_out, n_in: tl.constexpr, row_stride,
           TYPE: tl.constexpr, ACT: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
     """y[t, rows] = x[t] . W[rows]: program (row block, token)."""
+    pdl.start()
     pid = tl.program_id(0)
     t = tl.program_id(1).to(tl.int64)
     rows = pid * BM + tl.arange(0, BM)
