@@ -199,14 +199,15 @@ class GpuLayers:
         pend = None   # the last layer's FFN output and post-FFN norm, not yet added to x
         for i, L in enumerate(self.layers):
             x, pend = self._layer(self.first + i, L, x, pend, pos, cache, i, n_attn)
-        if pend is not None:
-            f, w = pend
-            x = x + (f if w is None else _rms_norm(f, w, c.eps))
         if not self.head:
-            return x
+            f, w = pend
+            return x + (f if w is None else _rms_norm(f, w, c.eps))
         if not all_rows:
-            x = x[-1:]
-        logits = ops.matmul(_rms_norm(x, self.output_norm, c.eps), self.output)
+            x, pend = x[-1:], (pend[0][-1:], pend[1])
+        # the last residual add and the output norm in one kernel, rounded for Q8_0 planes
+        q8 = self.output.planes is not None
+        _, *h = FK.norm(x.contiguous(), self.output_norm, c.eps, pend[0].contiguous(), pend[1], quant=q8)
+        logits = ops.matmul_q8(*h, self.output) if q8 else ops.matmul(h[0], self.output)
         if c.final_softcap:
             logits = torch.tanh(logits * (1.0 / c.final_softcap)) * c.final_softcap
         return logits

@@ -1,7 +1,7 @@
 #!/bin/bash
 # GPU checks and benchmarks on a lent CUDA machine (bare image: torch, Triton, numba there).
 #   bash scripts/device/gpu_session.sh STEP...
-#   steps: setup build tests attn sweep big big7 profile bench waitbuild piece gemma layers
+#   steps: setup build tests attn sweep big big7 profile bench waitbuild piece gemma layers lgreedy
 # .dev/ (git-ignored) carries the gguf wheel and llama.cpp's trimmed source (lcpp.tar.xz);
 # .dev2/g0..g4 the real Gemma-3-270M Q4_K_M file in five pieces (a call carries 64 MiB at
 # most, and a carried path is gone at the next call: carry one piece a call, step `piece`
@@ -22,7 +22,7 @@ build)   # llama.cpp with CUDA, in the background (setsid: outlives this command
   mkdir -p /tmp/lc && tar xJf .dev/lcpp.tar.xz -C /tmp/lc
   (cd /tmp/lc/llama.cpp && setsid nohup bash -c "cmake -B build -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
      -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF \
-     -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DGGML_NATIVE=ON && cmake --build build --target llama-bench -j 12" \
+     -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DGGML_NATIVE=ON && cmake --build build --target llama-bench llama-completion -j 12" \
      > /tmp/lc/build.log 2>&1 < /dev/null &) ;;
 tests)   # TESTS=-k "expr" for a subset
   python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py ${TESTS:-} 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
@@ -48,6 +48,8 @@ PY
   rm -rf /tmp/big7/src ;;
 profile) # where a decode step's GPU time goes (PROFILE_MODEL, default the 1.1B file)
   python3 scripts/device/gpu_profile.py ${PROFILE_MODEL:-$BIG} 2>&1 | tee "$OUT/profile.log" | head -45 ;;
+lgreedy) # llama.cpp's own GPU against its CPU, greedy, on the real model (after `gemma`)
+  (cd scripts/device && python3 lcpp_greedy.py /tmp/lc/llama.cpp/build/bin/llama-completion /tmp/gemma.gguf) 2>&1 | tee "$OUT/lgreedy.log" ;;
 layers)  # the real model, layer by layer: GPU against CPU (after `gemma` assembled it)
   python3 scripts/device/layer_check.py /tmp/gemma.gguf 2>&1 | tee "$OUT/layers.log" ;;
 bench)   # bench MODEL: ggforge at 0, half, all layers (+ llama-bench when built)
