@@ -42,7 +42,8 @@ class LoadedModel:
                 raise ValueError(f"context size must be at least 1, got {self.n_ctx}{where}")
             self.plan = None
             if gpu_layers not in (0, "0"):
-                self.plan = plan_offload(self.model, self.n_ctx, gpu_layers, gpu_memory, device)
+                self.plan = plan_offload(self.model, self.n_ctx, gpu_layers, gpu_memory, device,
+                                         tuple(t.itemsize for t in self.cache_types))
                 self.model.offload(self.plan.gpu_layers, device)
             self.cache = self.model.new_cache(self.n_ctx, *self.cache_types)
         except BaseException:
@@ -161,7 +162,7 @@ def _held(text: str, stop: Sequence[str], keep: int) -> int:
 
 
 def plan_offload(model: Model, n_ctx: int, gpu_layers: int | str, gpu_memory: int | None = None,
-                 device=None):
+                 device=None, kv_bytes: tuple[int, int] = (4, 4)):
     """The placement plan for ``gpu_layers`` (a count, 'all', 'auto'), checked against the
     device's free memory (or ``gpu_memory``) before anything is uploaded."""
     from ggforge.runtime import placement
@@ -171,7 +172,7 @@ def plan_offload(model: Model, n_ctx: int, gpu_layers: int | str, gpu_memory: in
     dev = resolve_device(device)     # says how to install torch, or that there is no GPU
     free = gpu_memory if gpu_memory is not None else (
         cuda_free_memory() if dev.type == "cuda" else None)
-    plan = placement.make_plan(model.gguf, model.config, n_ctx, n, free)
+    plan = placement.make_plan(model.gguf, model.config, n_ctx, n, free, kv_bytes=kv_bytes)
     placement.check_fits(plan)
     return plan
 

@@ -151,7 +151,7 @@ class Model:
         c = self.config
         cache = KVCache(self.n_cpu_layers, n_ctx, c.n_head_kv, c.head_dim, c.head_dim_v, dtype, v_dtype)
         if self.gpu is not None:
-            cache.gpu = self.gpu.new_cache(n_ctx)
+            cache.gpu = self.gpu.new_cache(n_ctx, cache.k.dtype, cache.v.dtype)
         return cache
 
     def forward(self, tokens: np.ndarray, cache: KVCache, *, all_logits: bool = False) -> np.ndarray:

@@ -9,7 +9,8 @@ Device memory for the GPU part is
 
     weights of its layers (+ the output head: output_norm and output.weight, or a copy of
     token_embd.weight when the output is tied)
-  + KV cache: per layer, cells x n_head_kv x (head_dim_k + head_dim_v) x 4 bytes (float32),
+  + KV cache: per layer, cells x n_head_kv x (head_dim_k x K bytes + head_dim_v x V bytes)
+    (4 for float32, 2 for float16: --cache-type-k/v),
     cells = n_ctx for full-attention layers, min(n_ctx, sliding_window + UBATCH) for
     sliding-window layers (a ring)
   + scratch: activations of one UBATCH of prompt tokens and its attention scores
@@ -23,7 +24,6 @@ from ggforge.runtime.config import ModelConfig
 
 UBATCH = 512                     # prompt tokens per pass on the GPU (runtime/gpu/backend.py)
 MARGIN = 512 * 1024 * 1024       # bytes kept free on the device beyond the plan
-KV_BYTES = 4                     # float32 cells
 
 
 class PlanError(ValueError):
@@ -90,6 +90,7 @@ class Plan:
     margin: int
     device_free: int | None         # bytes free on the device, when known
     kv_formula: list[str] = field(default_factory=list)
+    kv_types: str = "float32"       # the cache's element types, as the render names them
 
     @property
     def first_gpu_layer(self) -> int:
@@ -131,7 +132,7 @@ class Plan:
         out.append(f"gpu layers: {self.gpu_layers} of {self.n_layer + 1} "
                    f"(the last {min(self.gpu_layers, self.n_layer)} repeating layers"
                    f"{' + output' if self.head_on_gpu else ''}); context {self.n_ctx}")
-        out.append("KV cache (float32): " + "; ".join(self.kv_formula))
+        out.append(f"KV cache ({self.kv_types}): " + "; ".join(self.kv_formula))
         gpu = [["weights", hb(self.gpu_weights)], ["KV cache", hb(self.gpu_kv)],
                ["scratch (one batch of %d tokens)" % UBATCH, hb(self.scratch if self.gpu_layers else 0)],
                ["margin", hb(self.margin if self.gpu_layers else 0)],
@@ -166,8 +167,10 @@ def _layer_weight_bytes(gguf, n_layer: int) -> list[int]:
 
 
 def make_plan(gguf, config: ModelConfig, n_ctx: int, gpu_layers: int | str,
-              device_free: int | None = None, margin: int = MARGIN) -> Plan:
-    """The plan for ``gpu_layers`` (a count, 'all' or 'auto'); 'auto' needs device_free."""
+              device_free: int | None = None, margin: int = MARGIN,
+              kv_bytes: tuple[int, int] = (4, 4)) -> Plan:
+    """The plan for ``gpu_layers`` (a count, 'all' or 'auto'); 'auto' needs device_free.
+    ``kv_bytes``: bytes of a key and of a value element (4 float32, 2 float16)."""
     c = config
     per_layer = _layer_weight_bytes(gguf, c.n_layer)
     t = gguf.tensors
@@ -175,7 +178,12 @@ def make_plan(gguf, config: ModelConfig, n_ctx: int, gpu_layers: int | str,
     tied = "output.weight" not in t
     norm = int(t["output_norm.weight"].nbytes)
     head = norm + (embd if tied else int(t["output.weight"].nbytes))
-    cell = c.n_head_kv * (c.head_dim + c.head_dim_v) * KV_BYTES
+    kb, vb = kv_bytes
+    cell = c.n_head_kv * (c.head_dim * kb + c.head_dim_v * vb)
+    names = {4: "float32", 2: "float16"}
+    kv_types = names[kb] if kb == vb else f"K {names[kb]}, V {names[vb]}"
+    per_cell = f"({c.head_dim} + {c.head_dim_v}) x {kb} B" if kb == vb else \
+        f"({c.head_dim} x {kb} B + {c.head_dim_v} x {vb} B)"
     swa_cells = min(n_ctx, c.sliding_window + UBATCH) if c.sliding_window else n_ctx
     q_out = c.n_head * c.head_dim
     scratch = (UBATCH * (4 * c.n_embd + 2 * q_out + 4 * c.n_head_kv * c.head_dim + 3 * c.n_ff) * 4
@@ -190,17 +198,15 @@ def make_plan(gguf, config: ModelConfig, n_ctx: int, gpu_layers: int | str,
             cells = swa_cells if (swa and gpu) else n_ctx   # the CPU cache holds every position
             layers.append(LayerPlan(i, per_layer[i], swa, cells, cells * cell, "gpu" if gpu else "cpu"))
         n_swa = sum(c.is_swa(i) for i in range(c.n_layer))
-        formula = [f"{c.n_layer - n_swa} full layers x {n_ctx} cells x {c.n_head_kv} kv heads x "
-                   f"({c.head_dim} + {c.head_dim_v}) x 4 B"]
+        formula = [f"{c.n_layer - n_swa} full layers x {n_ctx} cells x {c.n_head_kv} kv heads x {per_cell}"]
         if n_swa:
             formula.append(f"{n_swa} sliding-window layers x min({n_ctx}, {c.sliding_window} + {UBATCH}) "
-                           f"= {swa_cells} cells on the GPU ({n_ctx} on the CPU) x {c.n_head_kv} x "
-                           f"({c.head_dim} + {c.head_dim_v}) x 4 B")
+                           f"= {swa_cells} cells on the GPU ({n_ctx} on the CPU) x {c.n_head_kv} x {per_cell}")
         head_gpu = n_gpu > c.n_layer
         # a tied head on the CPU reads token_embd itself; on the GPU it is a copy
         head_bytes = head if head_gpu or not tied else norm
         return Plan(c.n_layer, n_ctx, n_gpu, layers, embd, head_bytes, head_gpu, scratch, margin,
-                    device_free, formula)
+                    device_free, formula, kv_types)
 
     if gpu_layers == "auto":
         if device_free is None:

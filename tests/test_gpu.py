@@ -267,6 +267,31 @@ def test_fused_q8_0_decode_follows_the_cpu_backend(tiny_model, tmp_path, arch):
     assert float(np.linalg.norm(got - ref) / np.linalg.norm(ref)) < 2e-2
 
 
+@pytest.mark.parametrize("ctk,ctv", [("f16", "f32"), ("f16", "f16")])
+def test_f16_cache_on_the_device_follows_the_cpus(q4km, ctk, ctv):
+    """--cache-type-k/v f16 with layers offloaded: the device cache is float16 (half the
+    bytes) and the logits and greedy tokens follow the CPU backend with the same cache
+    types: the queries rounded to F16 before K.q, the normalized softmax weights before the
+    product with V (an F16 value cache decodes through torch's attention for that).
+    (qwen2: the tiny llama3's prompt ends on a near-tie, top-2 logits 0.007 apart.)"""
+    path = q4km("qwen2")
+    with load(path, cache_type_k=ctk, cache_type_v=ctv) as m:
+        ids = m.tokenize(PROMPT)
+        ref = m.eval(ids)
+        ref_tokens = list(m.generate_tokens(ids, max_tokens=6, settings=GREEDY))
+    with load(path, gpu_layers="all", device=DEVICE, cache_type_k=ctk, cache_type_v=ctv) as m:
+        g = m.cache.gpu
+        assert g.k[0].dtype == torch.float16 and g.v[0].dtype == (torch.float16 if ctv == "f16" else torch.float32)
+        got = m.eval(ids)
+        tokens = list(m.generate_tokens(ids, max_tokens=6, settings=GREEDY))
+        c = m.model.config
+        assert g.nbytes == sum(k.shape[0] for k in g.k) * c.n_head_kv * (
+            c.head_dim * 2 + c.head_dim_v * (2 if ctv == "f16" else 4))
+    err = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
+    assert err < 2e-2, err
+    assert tokens == ref_tokens
+
+
 def test_sliding_window_ring_and_prefix_reuse(q4km, monkeypatch):
     """A small batch size makes the sliding-window layers' ring wrap during the prompt; the
     result still equals the CPU's, and a prompt that extends the last one reuses the cache
@@ -309,6 +334,11 @@ def test_plan_counts_layers_as_llama_cpp(q4km):
         weights = sum(int(t.nbytes) for name, t in g.tensors.items() if name.startswith("blk."))
         head = int(g.tensors["output_norm.weight"].nbytes) + int(g.tensors["token_embd.weight"].nbytes)
         assert p.gpu_weights == weights + head                  # tied head: a copy of token_embd
+        # -ctk f16 -ctv f32: keys 2 bytes an element, values 4
+        mixed = placement.make_plan(g, c, 128, "all", kv_bytes=(2, 4))
+        assert mixed.gpu_kv == sum((ring if s else 128) * c.n_head_kv * (c.head_dim * 2 + c.head_dim_v * 4)
+                                   for s in swa)
+        assert "KV cache (K float16, V float32)" in mixed.render()
 
 
 def test_auto_takes_the_most_layers_that_fit_and_all_fails_with_numbers(q4km):
@@ -345,6 +375,9 @@ def test_inspect_plan_prints_the_arithmetic(q4km):
     assert "blk.0" in r.output and "output" in r.output
     r = CliRunner().invoke(cli, ["inspect", str(path), "--plan", "-ngl", "all", "--gpu-memory", "1MiB"])
     assert r.exit_code == 1 and "NO" in r.output
+    r = CliRunner().invoke(cli, ["inspect", str(path), "--plan", "-c", "256", "--gpu-memory", "8GiB",
+                                 "-ctk", "f16", "-ctv", "f16"])
+    assert r.exit_code == 0 and "KV cache (float16)" in r.output and "x 2 B" in r.output
 
 
 def test_run_with_gpu_layers_that_do_not_fit_fails_before_loading(q4km):

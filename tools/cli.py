@@ -15,7 +15,7 @@ from gguf import GGUFValueType as V
 
 from ggforge.formats.gguf_writer import KV
 from ggforge.tools.errors import one_line_errors
-from ggforge.tools.run_cli import bench_cmd, chat_cmd, memory_cmd, run_cmd
+from ggforge.tools.run_cli import bench_cmd, cache_types, chat_cmd, memory_cmd, run_cmd
 from ggforge.tools.table import format_table, human_bytes
 
 def parse_meta(text: str) -> KV:
@@ -170,14 +170,15 @@ def quantize_cmd(source: str, type_: str, output: str | None, force: bool, metas
 @click.option("--gpu-memory", default=None, help="Free GPU memory for --plan (default: what the device reports).")
 @click.option("-ngl", "--gpu-layers", default=None,
               help="Layers on the GPU for --plan: N, 'all' or 'auto' (default: auto when the memory is known, else all).")
+@cache_types
 @one_line_errors
 def inspect_cmd(path: str, as_json: bool, show_plan: bool, ctx_size: int | None,
-                gpu_memory: str | None, gpu_layers: str | None) -> None:
+                gpu_memory: str | None, gpu_layers: str | None, cache_type_k: str, cache_type_v: str) -> None:
     """Show what is inside a GGUF or safetensors file."""
     from ggforge.formats.summary import summarize
 
     if show_plan:
-        _print_plan(path, ctx_size, gpu_memory, gpu_layers)
+        _print_plan(path, ctx_size, gpu_memory, gpu_layers, (cache_type_k, cache_type_v))
         return
     s = summarize(path)
     if as_json:
@@ -200,11 +201,13 @@ def inspect_cmd(path: str, as_json: bool, show_plan: bool, ctx_size: int | None,
                f"{s['bits_per_weight']:.2f} bits per weight")
 
 
-def _print_plan(path: str, ctx_size: int | None, gpu_memory: str | None, gpu_layers: str | None) -> None:
+def _print_plan(path: str, ctx_size: int | None, gpu_memory: str | None, gpu_layers: str | None,
+                kv_types: tuple[str, str] = ("f32", "f32")) -> None:
     from ggforge.formats.gguf_reader import GGUFFile
     from ggforge.runtime.config import ModelConfig
     from ggforge.runtime.generate import DEFAULT_CTX_CAP
     from ggforge.runtime.gpu import cuda_free_memory
+    from ggforge.runtime.kv_cache import cache_dtype
     from ggforge.runtime.placement import make_plan, parse_bytes, parse_gpu_layers
 
     with GGUFFile.open(path) as g:
@@ -214,7 +217,7 @@ def _print_plan(path: str, ctx_size: int | None, gpu_memory: str | None, gpu_lay
             raise ValueError(f"context size must be at least 1, got {n_ctx}")
         free = parse_bytes(gpu_memory) if gpu_memory else cuda_free_memory()
         n = parse_gpu_layers(gpu_layers) if gpu_layers is not None else ("auto" if free is not None else "all")
-        plan = make_plan(g, config, n_ctx, n, free)
+        plan = make_plan(g, config, n_ctx, n, free, kv_bytes=tuple(cache_dtype(t).itemsize for t in kv_types))
     click.echo(f"{path}: {config.arch}, {config.n_layer} layers, "
                + (f"--gpu-layers {gpu_layers}" if gpu_layers is not None else f"--gpu-layers {n} (default)"))
     click.echo(plan.render())

@@ -35,7 +35,7 @@ def cache_type_options() -> list:
     """--cache-type-k / --cache-type-v, as llama.cpp's (whose default is f16)."""
     return [click.option(f"-ct{kv}", f"--cache-type-{kv}", f"cache_type_{kv}", default="f32",
                          show_default=True, type=click.Choice(["f32", "f16"], case_sensitive=False),
-                         help=f"CPU KV cache type for {'keys' if kv == 'k' else 'values'} "
+                         help=f"KV cache type for {'keys' if kv == 'k' else 'values'}, CPU and GPU "
                               "(f16: half the memory, as llama.cpp's default).")
             for kv in ("k", "v")]
 

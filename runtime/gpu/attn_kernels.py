@@ -10,7 +10,10 @@ microseconds, which for a small model cost more than its weights take to stream.
   softmax leaves a running max, sum and weighted sum of values per split.
 * ``_attn_combine``: program (query head): the splits rescaled to one max and summed.
 
-Float32 throughout, like the CPU backend; only the summation order differs.
+Float32 throughout, like the CPU backend; only the summation order differs. From an F16
+key cache the queries are rounded to F16 as the CPU does. (An F16 value cache goes through
+torch's attention instead: the CPU rounds the normalized softmax weights to F16, which a
+one-pass online softmax does not have.)
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ _FLOOR = tl.constexpr(-1e30)  # a finite "no score yet": exp(_FLOOR - m) is 0, n
 @triton.jit
 def _attn_split(q, kc, vc, pc, qpos_p, pm, pl, pacc, scale, window, m, n_head_kv, g,
                 CPS: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, G: tl.constexpr,
-                DP: tl.constexpr, DVP: tl.constexpr, BN: tl.constexpr):
+                DP: tl.constexpr, DVP: tl.constexpr, BN: tl.constexpr, K_F16: tl.constexpr):
     pdl.start()
     h = tl.program_id(0)
     s = tl.program_id(1)
@@ -39,6 +42,8 @@ def _attn_split(q, kc, vc, pc, qpos_p, pm, pl, pacc, scale, window, m, n_head_kv
     ei = tl.arange(0, DVP)
     qt = tl.load(q + (h * g + gi)[:, None] * D + di[None, :],
                  mask=(gi[:, None] < g) & (di[None, :] < D), other=0.0)          # (G, DP)
+    if K_F16:   # an F16 key cache: the queries rounded to F16, as the CPU backend does
+        qt = qt.to(tl.float16).to(tl.float32)
     m_i = tl.full((G,), _FLOOR, tl.float32)
     l_i = tl.zeros((G,), tl.float32)
     acc = tl.zeros((G, DVP), tl.float32)
@@ -49,7 +54,7 @@ def _attn_split(q, kc, vc, pc, qpos_p, pm, pl, pacc, scale, window, m, n_head_kv
         valid = cells < hi
         cl = cells.to(tl.int64)
         kt = tl.load(kc + (cl * n_head_kv + h)[:, None] * D + di[None, :],
-                     mask=valid[:, None] & (di[None, :] < D), other=0.0)        # (BN, DP)
+                     mask=valid[:, None] & (di[None, :] < D), other=0.0).to(tl.float32)  # (BN, DP)
         cp = tl.load(pc + cl, mask=valid, other=-1)
         ok = valid & (cp >= 0) & (cp <= qpos) & ((window == 0) | (qpos - cp < window))
         sc = tl.sum(qt[:, None, :] * kt[None, :, :], axis=2) * scale            # (G, BN)
@@ -58,7 +63,7 @@ def _attn_split(q, kc, vc, pc, qpos_p, pm, pl, pacc, scale, window, m, n_head_kv
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(sc - m_new[:, None])
         vt = tl.load(vc + (cl * n_head_kv + h)[:, None] * DV + ei[None, :],
-                     mask=valid[:, None] & (ei[None, :] < DV), other=0.0)       # (BN, DVP)
+                     mask=valid[:, None] & (ei[None, :] < DV), other=0.0).to(tl.float32)  # (BN, DVP)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vt[None, :, :], axis=1)
         m_i = m_new
@@ -118,7 +123,8 @@ def decode_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, pc: to
     pacc = torch.empty((n_head_kv, n_split, G, DVP), dtype=torch.float32, device=dev)
     _attn_split[(n_head_kv, n_split)](q.contiguous(), kc, vc, pc, qpos, pm, pl, pacc, float(scale),
                                       int(window), m, n_head_kv, g, CPS=per, D=d, DV=dv, G=G,
-                                      DP=DP, DVP=DVP, BN=bn, num_warps=WARPS, **pdl.LAUNCH)
+                                      DP=DP, DVP=DVP, BN=bn, K_F16=kc.dtype == torch.float16,
+                                      num_warps=WARPS, **pdl.LAUNCH)
     out = torch.empty((1, n_head * dv), dtype=torch.float32, device=dev)
     xq = torch.empty((1, n_head * dv), dtype=torch.int8, device=dev) if quant else out
     xd = torch.empty((1, n_head * dv // 32), dtype=torch.float32, device=dev) if quant else out

@@ -40,6 +40,12 @@ def _rms_norm(x: torch.Tensor, w: torch.Tensor | None, eps: float) -> torch.Tens
 
 
 def _attention(q, keys, values, kv_pos, q_pos, scale: float, window: int) -> torch.Tensor:
+    """Prompt attention. From an F16 cache, as the CPU backend (runtime.layers.attention):
+    the queries rounded to F16 before K.q, the softmax weights before the product with V."""
+    if keys.dtype == torch.float16:
+        q, keys = q.half().float(), keys.float()
+    v_f16 = values.dtype == torch.float16
+    values = values.float()
     n, n_head, _ = q.shape
     n_kv, n_head_kv, dv = values.shape
     g = n_head // n_head_kv
@@ -53,6 +59,8 @@ def _attention(q, keys, values, kv_pos, q_pos, scale: float, window: int) -> tor
     scores = scores - scores.amax(-1, keepdim=True)
     p = torch.exp(scores)
     p = p / p.sum(-1, keepdim=True, dtype=torch.float64).float()
+    if v_f16:
+        p = p.half().float()
     out = torch.matmul(p, values.permute(1, 0, 2)[:, None])           # (kv_h, g, n, dv)
     return out.permute(2, 0, 1, 3).reshape(n, n_head * dv)
 
@@ -61,17 +69,17 @@ class GpuCache:
     """Keys, values and the position held by each cell, for the device layers."""
 
     def __init__(self, sizes: list[int], n_head_kv: int, head_dim: int, head_dim_v: int,
-                 windows: list[int], device: torch.device):
+                 windows: list[int], device: torch.device, k_dtype=torch.float32, v_dtype=torch.float32):
         self.sizes, self.windows = sizes, windows
-        self.k = [torch.zeros((n, n_head_kv, head_dim), dtype=torch.float32, device=device) for n in sizes]
-        self.v = [torch.zeros((n, n_head_kv, head_dim_v), dtype=torch.float32, device=device) for n in sizes]
+        self.k = [torch.zeros((n, n_head_kv, head_dim), dtype=k_dtype, device=device) for n in sizes]
+        self.v = [torch.zeros((n, n_head_kv, head_dim_v), dtype=v_dtype, device=device) for n in sizes]
         self.pos = [torch.full((n,), -1, dtype=torch.int64, device=device) for n in sizes]
         self.hi = 0           # one past the highest position written
         self.graphs: dict[int, tuple] = {}   # decode graphs by attention length (CUDA)
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * 4 for t in self.k + self.v)
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
     def read_bytes(self, p: int) -> int:
         """Bytes of cache a decode step at position p reads: the attention bucket of each
@@ -80,7 +88,7 @@ class GpuCache:
         total = 0
         for k, v, size, window in zip(self.k, self.v, self.sizes, self.windows):
             cells = size if window else min(size, (p // ATTN_BUCKET + 1) * ATTN_BUCKET)
-            total += cells * (k[0].numel() * 4 + v[0].numel() * 4 + 8)
+            total += cells * (k[0].numel() * k.element_size() + v[0].numel() * v.element_size() + 8)
         return total
 
     def reusable(self, n: int) -> int:
@@ -146,7 +154,8 @@ class GpuLayers:
         return ops.matmul(xt, gw).cpu().numpy()
 
     # -- cache and rope tables --------------------------------------------------------
-    def new_cache(self, n_ctx: int) -> GpuCache:
+    def new_cache(self, n_ctx: int, k_dtype=np.float32, v_dtype=np.float32) -> GpuCache:
+        """The device layers' cache; keys and values float32 or float16 (--cache-type-k/v)."""
         c = self.config
         sizes, windows = [], []
         for il in range(self.first, c.n_layer):
@@ -154,7 +163,9 @@ class GpuLayers:
             sizes.append(min(n_ctx, c.sliding_window + UBATCH) if swa else n_ctx)
             windows.append(c.sliding_window if swa else 0)
         self._rope_tables(n_ctx)
-        return GpuCache(sizes, c.n_head_kv, c.head_dim, c.head_dim_v, windows, self.device)
+        tt = {np.dtype(np.float32): torch.float32, np.dtype(np.float16): torch.float16}
+        return GpuCache(sizes, c.n_head_kv, c.head_dim, c.head_dim_v, windows, self.device,
+                        tt[np.dtype(k_dtype)], tt[np.dtype(v_dtype)])
 
     def _rope_tables(self, n_ctx: int) -> None:
         """cos/sin for positions 0..n_ctx-1 per rope kind, computed as the CPU does."""
@@ -217,18 +228,21 @@ class GpuLayers:
         """One layer; returns (x, (f, w)): the FFN output f and the post-FFN norm w are left
         for the next layer's norm kernel to add. ``pend`` is the previous layer's pair."""
         c = self.config
-        q8 = L["fused"] and x.shape[0] == 1   # decode through Q8_0 planes: rounded activations
+        kc, vc, pc = cache.k[i], cache.v[i], cache.pos[i]
+        # the decode attention kernel: not from an F16 value cache, whose softmax weights the
+        # CPU rounds after normalizing (torch's attention below does the same)
+        kernel = x.shape[0] == 1 and vc.dtype == torch.float32
+        q8 = L["fused"] and kernel   # decode through Q8_0 planes: rounded activations
         x, *h = FK.norm(x, L["attn_norm"], c.eps, *(pend or (None, None)), quant=q8)
         qkv = ops.matmul_q8(*h, L["qkv"][0]) if q8 else ops.matmul_group(h[0], L["qkv"])
         size, window = cache.sizes[i], cache.windows[i]
         cos_t, sin_t = self._ropes[c.is_swa(il)]
-        kc, vc, pc = cache.k[i], cache.v[i], cache.pos[i]
         q = FK.prep(qkv, pos, cos_t, sin_t, kc, vc, pc, L["bqkv"], L["q_norm"], L["k_norm"],
                     c.n_head, c.n_head_kv, c.head_dim, c.head_dim_v, c.eps, c.traits.rope,
                     c.attn_scale if c.traits.q_scale_on_q else None, size)
         m = size if window else min(size, n_attn)
         scale = 1.0 if c.traits.q_scale_on_q else c.attn_scale
-        if q.shape[0] == 1:   # decode: two Triton launches reading the cache in place
+        if kernel:   # decode: two Triton launches reading the cache in place
             a = decode_attention(q, kc, vc, pc, pos, scale, window, m, quant=q8)
         else:
             a = _attention(q, kc[:m], vc[:m], pc[:m], pos, scale, window)
