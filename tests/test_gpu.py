@@ -137,8 +137,8 @@ def test_prep_kernel_equals_the_cpu_steps(rope, n_rot, extras):
         q, k = rms_norm(q, qn, 1e-6), rms_norm(k, kn, 1e-6)
     q_ref = apply_rope(q, cos[pos], sin[pos], rope) * np.float32(0.25)
     k_ref = apply_rope(k, cos[pos], sin[pos], rope)
-    t = {k_: None if a is None else torch.from_numpy(a).to(DEVICE) for k_, a in dict(
-        qkv=qkv, pos=pos, cos=cos, sin=sin, bias=bias, qn=qn, kn=kn).items()}
+    arrays = {"qkv": qkv, "pos": pos, "cos": cos, "sin": sin, "bias": bias, "qn": qn, "kn": kn}
+    t = {k_: None if a is None else torch.from_numpy(a).to(DEVICE) for k_, a in arrays.items()}
     kc, vc = torch.zeros((size, n_kv, d), device=DEVICE), torch.zeros((size, n_kv, d), device=DEVICE)
     pc = torch.full((size,), -1, dtype=torch.int64, device=DEVICE)
     got = prep(t["qkv"], t["pos"], t["cos"], t["sin"], kc, vc, pc, t["bias"], t["qn"], t["kn"],

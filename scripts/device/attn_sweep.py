@@ -20,8 +20,9 @@ for (n_kv, g, d), m in itertools.product([(4, 8, 64), (8, 4, 128)], [256, 1024, 
         A.TILE, A.SPLIT_PROGRAMS, A.WARPS = tile, split, warps
         try:
             us = triton.testing.do_bench_cudagraph(
-                lambda: A.decode_attention(q, kc, vc, pc, qpos, 0.1, 0, m, quant=True), rep=10) * 1e3
-        except Exception as e:  # noqa: BLE001 (a setting that does not compile)
+                lambda q=q, kc=kc, vc=vc, pc=pc, qpos=qpos, m=m:
+                A.decode_attention(q, kc, vc, pc, qpos, 0.1, 0, m, quant=True), rep=10) * 1e3
+        except Exception:  # noqa: BLE001 (a setting that does not compile)
             us = float("nan")
         rows.append((us, tile, split, warps))
     rows.sort()

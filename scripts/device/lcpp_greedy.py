@@ -17,7 +17,7 @@ def lcpp(binary: str, model: str, prompt: str, ngl: str) -> str:
            "--repeat-penalty", "1.0", "-no-cnv", "--no-display-prompt", "--simple-io", "-s", "0"]
     if ngl == "0":
         cmd += ["-dev", "none"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
     return out.stdout
 
 
