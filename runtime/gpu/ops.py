@@ -25,6 +25,7 @@ if not torch.cuda.is_available():  # the CPU runs the same kernels in Triton's i
 
 import triton  # noqa: E402
 
+from ggforge.runtime.gpu import k4_kernels as K4  # noqa: E402
 from ggforge.runtime.gpu import pdl  # noqa: E402
 from ggforge.runtime.gpu import q8_kernels as Q8  # noqa: E402
 from ggforge.runtime.gpu import triton_kernels as K  # noqa: E402
@@ -108,6 +109,8 @@ def matmul(x: torch.Tensor, w: GWeight, out: torch.Tensor | None = None) -> torc
     tab = _table(x.device)
     if w.planes is not None:
         return _matmul_q8_0(x, w, out)
+    if n_tok <= DECODE_MAX_TOKENS and w.ggml_type == int(T.Q4_K):   # integer dot products
+        return K4.matmul_q4k(x, w.data, w.n_out, w.n_in, out, **(dict(BM=64) if INTERPRET else {}))
     if n_tok <= DECODE_MAX_TOKENS:
         # tile sweep on an H100 (scripts/device/gemv_sweep.py, Q8_0 1.1B): 2 rows x 512
         # columns, 2 warps was fastest for q|k|v, ffn_down and the output head alike

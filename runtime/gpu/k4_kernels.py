@@ -1,0 +1,125 @@
+"""Q4_K decode in integers, reading the blocks as the file holds them in 32-bit words.
+
+The byte-wise kernel (triton_kernels._gemv) loads a Q4_K weight one byte per element and
+multiplies in float; it streamed 430-860 GB/s on an H100 (NOTES.md). Here, as ggml's
+``vec_dot_q4_K_q8_K`` does:
+
+* the activations are rounded once to Q8_K (``_quant_q8k``: int8 quants, a float scale
+  per 256, and the sum of each 32 quants), the rounding of triton_kernels._act;
+* each 144-byte super-block (d, dmin: fp16; 12 bytes of 6-bit scales and mins; 128 bytes
+  of nibbles) is read as 36 int32 words, 16-byte aligned (144 = 9 x 16). Word w of the
+  nibbles of group g (64 elements) holds elements 64g + 4w.. in its low nibbles and
+  64g + 32 + 4w.. in its high ones, so ``dp4a`` of the masked word with one word of
+  activation quants sums four products exactly;
+* per super-block: S = sum_j scale_j * isum_j and M = sum_j min_j * bsum_j in int32, then
+  d * dx * S - dmin * dx * M in float32.
+
+No regrouping at upload: prefill still reads the same bytes with triton_kernels._gemm.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ggforge.runtime.gpu import pdl
+from ggforge.runtime.gpu.q8_kernels import _dp4a
+from ggforge.runtime.gpu.triton_kernels import _rne
+
+M4 = tl.constexpr(0x0F0F0F0F)
+
+
+@triton.jit
+def _quant_q8k(x, xq, xd, xs, n_in):
+    """Program (token, super-block): 256 activations -> int8 quants, the scale, and the
+    sums of each 32 quants (quantize_row_q8_K_ref)."""
+    pdl.start()
+    t = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(1)
+    i = tl.arange(0, 256)[None, :]
+    xb = tl.load(x + t * n_in + b * 256 + i)                                       # (1, 256)
+    amax = tl.max(tl.abs(xb), axis=1, keep_dims=True)
+    first_pos = tl.min(tl.where((xb == amax) & (amax > 0), i, 256), axis=1, keep_dims=True)
+    first_neg = tl.min(tl.where((xb == -amax) & (amax > 0), i, 256), axis=1, keep_dims=True)
+    vmax = tl.where(first_pos < first_neg, amax, -amax)
+    iscale = tl.math.div_rn(-127.0 + 0 * amax, tl.where(amax != 0, vmax, 1.0))
+    q = tl.where(amax != 0, tl.minimum(_rne(iscale * xb), 127.0), 0.0)
+    d = tl.where(amax != 0, tl.math.div_rn(1.0 + 0 * iscale, iscale), 0.0)
+    tl.store(xq + t * n_in + b * 256 + i, q.to(tl.int8))
+    tl.store(xd + t * (n_in // 256) + b + tl.zeros((1, 1), tl.int32), d)
+    s = tl.sum(tl.reshape(q.to(tl.int32), (8, 32)), axis=1)
+    tl.store(xs + t * (n_in // 32) + b * 8 + tl.arange(0, 8), s)
+
+
+@triton.jit
+def _byte(w0, w1, w2, b):
+    """Byte b (0..11, a tensor) of the 12 scale bytes held in words w0, w1, w2."""
+    word = tl.where(b < 4, w0, tl.where(b < 8, w1, w2))
+    return (word >> (8 * (b % 4))) & 255
+
+
+@triton.jit
+def _gemv_q4k(w, xw, xd, xs, y, n_out, n_in: tl.constexpr, BM: tl.constexpr, NS: tl.constexpr):
+    """y[t, rows] = x[t] . W[rows]: program (row block, token); NS super-blocks a step.
+    w: the Q4_K rows as int32 words (n_in / 256 x 36 a row); xw the activation quants as
+    int32 words, xd their scales, xs their sums per 32."""
+    pdl.start()
+    pid = tl.program_id(0)
+    t = tl.program_id(1).to(tl.int64)
+    rows = pid * BM + tl.arange(0, BM)
+    nsb: tl.constexpr = n_in // 256
+    row_w = (tl.minimum(rows, n_out - 1).to(tl.int64) * (nsb * 36))[:, None, None]    # (BM, 1, 1)
+    sb = tl.arange(0, NS)[None, :, None]                                                # (1, NS, 1)
+    kw = tl.arange(0, 32)[None, None, :]                                                # nibble words
+    j = tl.arange(0, 8)[None, None, :]                                                  # sub-blocks
+    acc = tl.zeros((BM, NS), tl.float32)
+    for s0 in range(0, nsb, NS):
+        blk = s0 + sb                                                                   # (1, NS, 1)
+        ok = blk < nsb
+        base = row_w + blk * 36
+        q = tl.load(w + base + 4 + kw, mask=ok, other=0)                                # (BM, NS, 32)
+        g = kw // 8
+        xoff = t * (n_in // 4) + blk * 64 + g * 16 + kw % 8
+        xa = tl.broadcast_to(tl.load(xw + xoff, mask=ok, other=0), (BM, NS, 32))
+        xb = tl.broadcast_to(tl.load(xw + xoff + 8, mask=ok, other=0), (BM, NS, 32))
+        lo = _dp4a(q & M4, xa)
+        hi = _dp4a((q >> 4) & M4, xb)
+        lo4 = tl.sum(tl.reshape(lo, (BM, NS, 4, 8)), axis=3)                            # (BM, NS, 4)
+        hi4 = tl.sum(tl.reshape(hi, (BM, NS, 4, 8)), axis=3)
+        # 6-bit scales and mins of the 8 sub-blocks (get_scale_min_k4)
+        w0 = tl.load(w + base + 1, mask=ok, other=0)                                    # (BM, NS, 1)
+        w1 = tl.load(w + base + 2, mask=ok, other=0)
+        w2 = tl.load(w + base + 3, mask=ok, other=0)
+        sj = _byte(w0, w1, w2, j)                                                       # (BM, NS, 8)
+        sj4 = _byte(w0, w1, w2, j + 4)
+        sjm4 = _byte(w0, w1, w2, tl.maximum(j - 4, 0))
+        lo_j = j < 4
+        sc = tl.where(lo_j, sj & 63, (sj4 & 0xF) | ((sjm4 >> 6) << 4))
+        mn = tl.where(lo_j, sj4 & 63, (sj4 >> 4) | ((sj >> 6) << 4))
+        sc_r = tl.reshape(sc, (BM, NS, 4, 2))
+        isum = tl.sum(tl.reshape(tl.join(lo4, hi4), (BM, NS, 4, 2)) * sc_r, axis=3)     # (BM, NS, 4)
+        S = tl.sum(isum, axis=2)                                                        # (BM, NS)
+        bs = tl.load(xs + t * (n_in // 32) + blk * 8 + j, mask=ok, other=0)            # (1, NS, 8)
+        Mi = tl.sum(mn * bs, axis=2)
+        dw = tl.load(w + base, mask=ok, other=0)                                        # d | dmin << 16
+        d = (dw & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        dmin = ((dw >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        dx = tl.load(xd + t * nsb + blk, mask=ok, other=0.0)
+        acc += tl.reshape(d * dx, (BM, NS)) * S.to(tl.float32) \
+            - tl.reshape(dmin * dx, (BM, NS)) * Mi.to(tl.float32)
+    tl.store(y + t * n_out + rows, tl.sum(acc, axis=1), mask=rows < n_out)
+
+
+def matmul_q4k(x: torch.Tensor, data: torch.Tensor, n_out: int, n_in: int, out: torch.Tensor,
+               BM: int = 8, NS: int = 2, num_warps: int = 4) -> torch.Tensor:
+    """``x @ W.T`` for a few tokens x (n_tok, n_in) and Q4_K rows ``data`` (uint8
+    (n_out, n_in / 256 * 144)); n_in a multiple of 256."""
+    n_tok = x.shape[0]
+    dev = x.device
+    xq = torch.empty((n_tok, n_in), dtype=torch.int8, device=dev)
+    xd = torch.empty((n_tok, n_in // 256), dtype=torch.float32, device=dev)
+    xs = torch.empty((n_tok, n_in // 32), dtype=torch.int32, device=dev)
+    _quant_q8k[(n_tok, n_in // 256)](x, xq, xd, xs, n_in, num_warps=4, **pdl.LAUNCH)
+    _gemv_q4k[(triton.cdiv(n_out, BM), n_tok)](data.view(torch.int32), xq.view(torch.int32), xd, xs, out,
+                                               n_out, n_in, BM=BM, NS=NS, num_warps=num_warps, **pdl.LAUNCH)
+    return out
