@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from ggforge.runtime.config import ModelConfig
 
 UBATCH = 512                     # prompt tokens per pass on the GPU (runtime/gpu/backend.py)
+Q6_K = 14                        # ggml type id
 MARGIN = 512 * 1024 * 1024       # bytes kept free on the device beyond the plan
 
 
@@ -156,13 +157,20 @@ class Plan:
                 f"{hb(self.scratch)} + margin {hb(self.margin)}){free}")
 
 
+def device_bytes(info) -> int:
+    """A tensor's bytes on the device: as in the file, except Q6_K, whose 210-byte blocks
+    are padded to 212 there (aligned words for the decode kernel)."""
+    n = int(info.nbytes)
+    return n // 210 * 212 if int(info.ggml_type) == Q6_K else n
+
+
 def _layer_weight_bytes(gguf, n_layer: int) -> list[int]:
     sizes = [0] * n_layer
     for name, info in gguf.tensors.items():
         if name.startswith("blk."):
             i = int(name.split(".")[1])
             if 0 <= i < n_layer:
-                sizes[i] += int(info.nbytes)
+                sizes[i] += device_bytes(info)
     return sizes
 
 
@@ -177,7 +185,7 @@ def make_plan(gguf, config: ModelConfig, n_ctx: int, gpu_layers: int | str,
     embd = int(t["token_embd.weight"].nbytes)
     tied = "output.weight" not in t
     norm = int(t["output_norm.weight"].nbytes)
-    head = norm + (embd if tied else int(t["output.weight"].nbytes))
+    head = norm + (device_bytes(t["token_embd.weight"]) if tied else device_bytes(t["output.weight"]))
     kb, vb = kv_bytes
     cell = c.n_head_kv * (c.head_dim * kb + c.head_dim_v * vb)
     names = {4: "float32", 2: "float16"}

@@ -5,7 +5,7 @@ multiplies in float; it streamed 430-860 GB/s on an H100 (NOTES.md). Here, as gg
 ``vec_dot_q4_K_q8_K`` does:
 
 * the activations are rounded once to Q8_K (``_quant_q8k``: int8 quants, a float scale
-  per 256, and the sum of each 32 quants), the rounding of triton_kernels._act;
+  per 256, and the sum of each 16 quants), the rounding of triton_kernels._act;
 * each 144-byte super-block (d, dmin: fp16; 12 bytes of 6-bit scales and mins; 128 bytes
   of nibbles) is read as 36 int32 words, 16-byte aligned (144 = 9 x 16). Word w of the
   nibbles of group g (64 elements) holds elements 64g + 4w.. in its low nibbles and
@@ -32,7 +32,7 @@ M4 = tl.constexpr(0x0F0F0F0F)
 @triton.jit
 def _quant_q8k(x, xq, xd, xs, n_in):
     """Program (token, super-block): 256 activations -> int8 quants, the scale, and the
-    sums of each 32 quants (quantize_row_q8_K_ref)."""
+    sums of each 16 quants (quantize_row_q8_K_ref's bsums)."""
     pdl.start()
     t = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1)
@@ -47,8 +47,8 @@ def _quant_q8k(x, xq, xd, xs, n_in):
     d = tl.where(amax != 0, tl.math.div_rn(1.0 + 0 * iscale, iscale), 0.0)
     tl.store(xq + t * n_in + b * 256 + i, q.to(tl.int8))
     tl.store(xd + t * (n_in // 256) + b + tl.zeros((1, 1), tl.int32), d)
-    s = tl.sum(tl.reshape(q.to(tl.int32), (8, 32)), axis=1)
-    tl.store(xs + t * (n_in // 32) + b * 8 + tl.arange(0, 8), s)
+    s = tl.sum(tl.reshape(q.to(tl.int32), (16, 16)), axis=1)
+    tl.store(xs + t * (n_in // 16) + b * 16 + tl.arange(0, 16), s)
 
 
 @triton.jit
@@ -62,7 +62,7 @@ def _byte(w0, w1, w2, b):
 def _gemv_q4k(w, xw, xd, xs, y, n_out, n_in: tl.constexpr, BM: tl.constexpr, NS: tl.constexpr):
     """y[t, rows] = x[t] . W[rows]: program (row block, token); NS super-blocks a step.
     w: the Q4_K rows as int32 words (n_in / 256 x 36 a row); xw the activation quants as
-    int32 words, xd their scales, xs their sums per 32."""
+    int32 words, xd their scales, xs their sums per 16."""
     pdl.start()
     pid = tl.program_id(0)
     t = tl.program_id(1).to(tl.int64)
@@ -99,7 +99,8 @@ def _gemv_q4k(w, xw, xd, xs, y, n_out, n_in: tl.constexpr, BM: tl.constexpr, NS:
         sc_r = tl.reshape(sc, (BM, NS, 4, 2))
         isum = tl.sum(tl.reshape(tl.join(lo4, hi4), (BM, NS, 4, 2)) * sc_r, axis=3)     # (BM, NS, 4)
         S = tl.sum(isum, axis=2)                                                        # (BM, NS)
-        bs = tl.load(xs + t * (n_in // 32) + blk * 8 + j, mask=ok, other=0)            # (1, NS, 8)
+        bsp = xs + t * (n_in // 16) + blk * 16 + 2 * j
+        bs = tl.load(bsp, mask=ok, other=0) + tl.load(bsp + 1, mask=ok, other=0)       # (1, NS, 8)
         Mi = tl.sum(mn * bs, axis=2)
         dw = tl.load(w + base, mask=ok, other=0)                                        # d | dmin << 16
         d = (dw & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
@@ -110,16 +111,80 @@ def _gemv_q4k(w, xw, xd, xs, y, n_out, n_in: tl.constexpr, BM: tl.constexpr, NS:
     tl.store(y + t * n_out + rows, tl.sum(acc, axis=1), mask=rows < n_out)
 
 
-def matmul_q4k(x: torch.Tensor, data: torch.Tensor, n_out: int, n_in: int, out: torch.Tensor,
-               BM: int = 8, NS: int = 2, num_warps: int = 4) -> torch.Tensor:
-    """``x @ W.T`` for a few tokens x (n_tok, n_in) and Q4_K rows ``data`` (uint8
-    (n_out, n_in / 256 * 144)); n_in a multiple of 256."""
+@triton.jit
+def _gemv_q6k(w, xw, xd, xs, y, n_out, n_in: tl.constexpr, BM: tl.constexpr, NS: tl.constexpr):
+    """Q6_K rows padded to 212-byte blocks (53 words: ql 0..31, qh 32..47, scales 48..51,
+    d in the low half of 52): element 128h + 32c + l has its low 4 bits in the low (c < 2)
+    or high nibble of ql[64h + 32(c & 1) + l], its high 2 bits at bit 2c of qh[32h + l],
+    its scale in sc[8h + 2c + l / 16], and is q - 32: dp4a of the 6-bit values, then
+    32 x the 16-sum of the activation quants taken off (ggml's q8 bsums)."""
+    pdl.start()
+    pid = tl.program_id(0)
+    t = tl.program_id(1).to(tl.int64)
+    rows = pid * BM + tl.arange(0, BM)
+    nsb: tl.constexpr = n_in // 256
+    row_w = (tl.minimum(rows, n_out - 1).to(tl.int64) * (nsb * 53))[:, None, None]
+    sb = tl.arange(0, NS)[None, :, None]
+    kw = tl.arange(0, 32)[None, None, :]            # ql words: h = kw / 16, c_lo = kw / 8 % 2
+    h = kw // 16
+    c_lo = (kw // 8) % 2
+    l4 = kw % 8
+    gi = tl.arange(0, 8)[None, None, :]            # groups of 4 ql words: sub-blocks
+    s_lo = gi + 4 * (gi // 4)                      # 8h + 2 c_lo + l / 16, with gi = 4h + 2c_lo + l4 / 4
+    s_hi = s_lo + 4
+    acc = tl.zeros((BM, NS), tl.float32)
+    for s0 in range(0, nsb, NS):
+        blk = s0 + sb
+        ok = blk < nsb
+        base = row_w + blk * 53
+        ql = tl.load(w + base + kw, mask=ok, other=0)                                   # (BM, NS, 32)
+        qh = tl.load(w + base + 32 + 8 * h + l4, mask=ok, other=0)
+        q_lo = (ql & M4) | (((qh >> (2 * c_lo)) & 0x03030303) << 4)
+        q_hi = ((ql >> 4) & M4) | (((qh >> (2 * c_lo + 4)) & 0x03030303) << 4)
+        xoff = t * (n_in // 4) + blk * 64 + 32 * h + 8 * c_lo + l4
+        x_lo = tl.broadcast_to(tl.load(xw + xoff, mask=ok, other=0), (BM, NS, 32))
+        x_hi = tl.broadcast_to(tl.load(xw + xoff + 16, mask=ok, other=0), (BM, NS, 32))
+        p_lo = tl.sum(tl.reshape(_dp4a(q_lo, x_lo), (BM, NS, 8, 4)), axis=3)            # (BM, NS, 8)
+        p_hi = tl.sum(tl.reshape(_dp4a(q_hi, x_hi), (BM, NS, 8, 4)), axis=3)
+        bsp = xs + t * (n_in // 16) + blk * 16
+        b_lo = tl.load(bsp + s_lo, mask=ok, other=0)                                    # (1, NS, 8)
+        b_hi = tl.load(bsp + s_hi, mask=ok, other=0)
+        w0 = tl.load(w + base + 48, mask=ok, other=0)
+        w1 = tl.load(w + base + 49, mask=ok, other=0)
+        w2 = tl.load(w + base + 50, mask=ok, other=0)
+        w3 = tl.load(w + base + 51, mask=ok, other=0)
+        sc_lo = _sbyte(w0, w1, w2, w3, s_lo)
+        sc_hi = _sbyte(w0, w1, w2, w3, s_hi)
+        S = tl.sum(sc_lo * (p_lo - 32 * b_lo) + sc_hi * (p_hi - 32 * b_hi), axis=2)      # (BM, NS)
+        dw = tl.load(w + base + 52, mask=ok, other=0)
+        d = (dw & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        dx = tl.load(xd + t * nsb + blk, mask=ok, other=0.0)
+        acc += tl.reshape(d * dx, (BM, NS)) * S.to(tl.float32)
+    tl.store(y + t * n_out + rows, tl.sum(acc, axis=1), mask=rows < n_out)
+
+
+@triton.jit
+def _sbyte(w0, w1, w2, w3, b):
+    """Signed byte b (0..15, a tensor) of the 16 bytes in words w0..w3."""
+    word = tl.where(b < 4, w0, tl.where(b < 8, w1, tl.where(b < 12, w2, w3)))
+    v = (word >> (8 * (b % 4))) & 255
+    return (v ^ 128) - 128
+
+
+Q6_K_PADDED = 212   # bytes of a Q6_K block on the device (210 in the file, padded to words)
+
+
+def matmul_k(x: torch.Tensor, data: torch.Tensor, q6: bool, n_out: int, n_in: int,
+             out: torch.Tensor, BM: int = 8, NS: int = 2, num_warps: int = 4) -> torch.Tensor:
+    """``x @ W.T`` for a few tokens x (n_tok, n_in) and Q4_K rows (``q6`` False) or padded
+    Q6_K rows ``data`` (uint8); n_in a multiple of 256."""
     n_tok = x.shape[0]
     dev = x.device
     xq = torch.empty((n_tok, n_in), dtype=torch.int8, device=dev)
     xd = torch.empty((n_tok, n_in // 256), dtype=torch.float32, device=dev)
-    xs = torch.empty((n_tok, n_in // 32), dtype=torch.int32, device=dev)
+    xs = torch.empty((n_tok, n_in // 16), dtype=torch.int32, device=dev)
     _quant_q8k[(n_tok, n_in // 256)](x, xq, xd, xs, n_in, num_warps=4, **pdl.LAUNCH)
-    _gemv_q4k[(triton.cdiv(n_out, BM), n_tok)](data.view(torch.int32), xq.view(torch.int32), xd, xs, out,
-                                               n_out, n_in, BM=BM, NS=NS, num_warps=num_warps, **pdl.LAUNCH)
+    kern = _gemv_q6k if q6 else _gemv_q4k
+    kern[(triton.cdiv(n_out, BM), n_tok)](data.view(torch.int32), xq.view(torch.int32), xd, xs, out,
+                                          n_out, n_in, BM=BM, NS=NS, num_warps=num_warps, **pdl.LAUNCH)
     return out

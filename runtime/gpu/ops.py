@@ -70,7 +70,11 @@ class GWeight:
                       blocks[:, :, :2].contiguous().view(torch.float16).reshape(w.n_out, -1))
             bk = 512 if w.n_in % 512 == 0 else 256 if w.n_in % 256 == 0 else 128
             return cls(planes[0], t, w.n_in, w.n_out, ACT["q8_0"], bk, planes)
-        if torch.device(device).type == "cpu":
+        if t == int(T.Q6_K):               # 210-byte blocks padded to 212: word-aligned
+            blocks = data.reshape(w.n_out, -1, 210)
+            pad = torch.zeros((w.n_out, blocks.shape[1], K4.Q6_K_PADDED - 210), dtype=torch.uint8, device=data.device)
+            data = torch.cat([blocks, pad], dim=2).reshape(w.n_out, -1)
+        elif torch.device(device).type == "cpu":
             data = data.clone()            # on the CPU .to() kept the file's pages
         if t in FLOATS:
             data = data.view(FLOATS[t]).reshape(w.n_out, w.n_in)
@@ -109,8 +113,9 @@ def matmul(x: torch.Tensor, w: GWeight, out: torch.Tensor | None = None) -> torc
     tab = _table(x.device)
     if w.planes is not None:
         return _matmul_q8_0(x, w, out)
-    if n_tok <= DECODE_MAX_TOKENS and w.ggml_type == int(T.Q4_K):   # integer dot products
-        return K4.matmul_q4k(x, w.data, w.n_out, w.n_in, out, **(dict(BM=64) if INTERPRET else {}))
+    if n_tok <= DECODE_MAX_TOKENS and w.ggml_type in (int(T.Q4_K), int(T.Q6_K)):   # integer dots
+        return K4.matmul_k(x, w.data, w.ggml_type == int(T.Q6_K), w.n_out, w.n_in, out,
+                           **(dict(BM=64) if INTERPRET else {}))
     if n_tok <= DECODE_MAX_TOKENS:
         # tile sweep on an H100 (scripts/device/gemv_sweep.py, Q8_0 1.1B): 2 rows x 512
         # columns, 2 warps was fastest for q|k|v, ffn_down and the output head alike

@@ -131,8 +131,8 @@ def _deq(w, row_off, k, tab, TYPE: tl.constexpr):
         h = (_u8(w, base + 16 + j % 32) >> s) & 1
         q = (_nib(w, base + 48 + 32 * g + j % 32, hi) + 16 * h).to(tl.float32)
         v = _f16(w, base) * sc * q - _f16(w, base + 2) * mn
-    elif TYPE == Q6_K:
-        base = row_off + (k // 256) * 210
+    elif TYPE == Q6_K:   # blocks padded to 212 bytes on the device (k4_kernels)
+        base = row_off + (k // 256) * 212
         j = k % 256
         h = j // 128
         c = (j % 128) // 32
