@@ -1,4 +1,4 @@
-"""Q4_K decode in integers, reading the blocks as the file holds them in 32-bit words.
+"""Q4_K, Q5_K and Q6_K decode in integers, reading the blocks in 32-bit words.
 
 The byte-wise kernel (triton_kernels._gemv) loads a Q4_K weight one byte per element and
 multiplies in float; it streamed 430-860 GB/s on an H100 (NOTES.md). Here, as ggml's
@@ -14,7 +14,10 @@ multiplies in float; it streamed 430-860 GB/s on an H100 (NOTES.md). Here, as gg
 * per super-block: S = sum_j scale_j * isum_j and M = sum_j min_j * bsum_j in int32, then
   d * dx * S - dmin * dx * M in float32.
 
-No regrouping at upload: prefill still reads the same bytes with triton_kernels._gemm.
+Q5_K adds each element's fifth bit from its qh word; Q6_K (``_gemv_q6k``) assembles 6-bit
+values from two words and takes 32 x the activation sums off. No regrouping at upload
+(Q6_K's 210-byte blocks are only padded to 212, for word alignment): prefill still reads
+the same bytes with triton_kernels._gemm.
 """
 from __future__ import annotations
 
@@ -59,16 +62,21 @@ def _byte(w0, w1, w2, b):
 
 
 @triton.jit
-def _gemv_q4k(w, xw, xd, xs, y, n_out, n_in: tl.constexpr, BM: tl.constexpr, NS: tl.constexpr):
+def _gemv_q4k(w, xw, xd, xs, y, n_out, n_in: tl.constexpr, BM: tl.constexpr, NS: tl.constexpr,
+              Q5: tl.constexpr):
     """y[t, rows] = x[t] . W[rows]: program (row block, token); NS super-blocks a step.
-    w: the Q4_K rows as int32 words (n_in / 256 x 36 a row); xw the activation quants as
+    w: the Q4_K rows as int32 words (n_in / 256 x 36 a row), or with Q5 the Q5_K rows
+    (176-byte blocks, 44 words: qh, 32 bytes, after the scales, then the nibbles; element
+    64g + 32h + l has its fifth bit at bit 2g + h of qh[l]); xw the activation quants as
     int32 words, xd their scales, xs their sums per 16."""
     pdl.start()
     pid = tl.program_id(0)
     t = tl.program_id(1).to(tl.int64)
     rows = pid * BM + tl.arange(0, BM)
     nsb: tl.constexpr = n_in // 256
-    row_w = (tl.minimum(rows, n_out - 1).to(tl.int64) * (nsb * 36))[:, None, None]    # (BM, 1, 1)
+    BW: tl.constexpr = 44 if Q5 else 36                                                 # words a block
+    QS: tl.constexpr = 12 if Q5 else 4                                                  # first nibble word
+    row_w = (tl.minimum(rows, n_out - 1).to(tl.int64) * (nsb * BW))[:, None, None]    # (BM, 1, 1)
     sb = tl.arange(0, NS)[None, :, None]                                                # (1, NS, 1)
     kw = tl.arange(0, 32)[None, None, :]                                                # nibble words
     j = tl.arange(0, 8)[None, None, :]                                                  # sub-blocks
@@ -76,14 +84,20 @@ def _gemv_q4k(w, xw, xd, xs, y, n_out, n_in: tl.constexpr, BM: tl.constexpr, NS:
     for s0 in range(0, nsb, NS):
         blk = s0 + sb                                                                   # (1, NS, 1)
         ok = blk < nsb
-        base = row_w + blk * 36
-        q = tl.load(w + base + 4 + kw, mask=ok, other=0)                                # (BM, NS, 32)
+        base = row_w + blk * BW
+        q = tl.load(w + base + QS + kw, mask=ok, other=0)                               # (BM, NS, 32)
         g = kw // 8
         xoff = t * (n_in // 4) + blk * 64 + g * 16 + kw % 8
         xa = tl.broadcast_to(tl.load(xw + xoff, mask=ok, other=0), (BM, NS, 32))
         xb = tl.broadcast_to(tl.load(xw + xoff + 8, mask=ok, other=0), (BM, NS, 32))
-        lo = _dp4a(q & M4, xa)
-        hi = _dp4a((q >> 4) & M4, xb)
+        q_lo = q & M4
+        q_hi = (q >> 4) & M4
+        if Q5:
+            qh = tl.load(w + base + 4 + kw % 8, mask=ok, other=0)
+            q_lo |= ((qh >> (2 * g)) & 0x01010101) << 4
+            q_hi |= ((qh >> (2 * g + 1)) & 0x01010101) << 4
+        lo = _dp4a(q_lo, xa)
+        hi = _dp4a(q_hi, xb)
         lo4 = tl.sum(tl.reshape(lo, (BM, NS, 4, 8)), axis=3)                            # (BM, NS, 4)
         hi4 = tl.sum(tl.reshape(hi, (BM, NS, 4, 8)), axis=3)
         # 6-bit scales and mins of the 8 sub-blocks (get_scale_min_k4)
@@ -174,17 +188,20 @@ def _sbyte(w0, w1, w2, w3, b):
 Q6_K_PADDED = 212   # bytes of a Q6_K block on the device (210 in the file, padded to words)
 
 
-def matmul_k(x: torch.Tensor, data: torch.Tensor, q6: bool, n_out: int, n_in: int,
+def matmul_k(x: torch.Tensor, data: torch.Tensor, kind: str, n_out: int, n_in: int,
              out: torch.Tensor, BM: int = 8, NS: int = 2, num_warps: int = 4) -> torch.Tensor:
-    """``x @ W.T`` for a few tokens x (n_tok, n_in) and Q4_K rows (``q6`` False) or padded
-    Q6_K rows ``data`` (uint8); n_in a multiple of 256."""
+    """``x @ W.T`` for a few tokens x (n_tok, n_in) and rows ``data`` (uint8) of ``kind``
+    "q4_K", "q5_K" or "q6_K" (blocks padded to Q6_K_PADDED); n_in a multiple of 256."""
     n_tok = x.shape[0]
     dev = x.device
     xq = torch.empty((n_tok, n_in), dtype=torch.int8, device=dev)
     xd = torch.empty((n_tok, n_in // 256), dtype=torch.float32, device=dev)
     xs = torch.empty((n_tok, n_in // 16), dtype=torch.int32, device=dev)
     _quant_q8k[(n_tok, n_in // 256)](x, xq, xd, xs, n_in, num_warps=4, **pdl.LAUNCH)
-    kern = _gemv_q6k if q6 else _gemv_q4k
-    kern[(triton.cdiv(n_out, BM), n_tok)](data.view(torch.int32), xq.view(torch.int32), xd, xs, out,
-                                          n_out, n_in, BM=BM, NS=NS, num_warps=num_warps, **pdl.LAUNCH)
+    args = (data.view(torch.int32), xq.view(torch.int32), xd, xs, out, n_out, n_in)
+    grid = (triton.cdiv(n_out, BM), n_tok)
+    if kind == "q6_K":
+        _gemv_q6k[grid](*args, BM=BM, NS=NS, num_warps=num_warps, **pdl.LAUNCH)
+    else:
+        _gemv_q4k[grid](*args, BM=BM, NS=NS, Q5=kind == "q5_K", num_warps=num_warps, **pdl.LAUNCH)
     return out

@@ -33,6 +33,7 @@ from ggforge.runtime.gpu import triton_kernels as K  # noqa: E402
 ACT = K.ACT_CODES
 FLOATS = {int(T.F32): torch.float32, int(T.F16): torch.float16, int(T.BF16): torch.bfloat16}
 DECODE_MAX_TOKENS = 8      # up to this many tokens the matrix-vector kernel runs
+_K_WORDS = {int(T.Q4_K): "q4_K", int(T.Q5_K): "q5_K", int(T.Q6_K): "q6_K"}   # k4_kernels
 # Triton's interpreter pays per program: give it few, large tiles
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _TABLES: dict[torch.device, torch.Tensor] = {}
@@ -113,8 +114,8 @@ def matmul(x: torch.Tensor, w: GWeight, out: torch.Tensor | None = None) -> torc
     tab = _table(x.device)
     if w.planes is not None:
         return _matmul_q8_0(x, w, out)
-    if n_tok <= DECODE_MAX_TOKENS and w.ggml_type in (int(T.Q4_K), int(T.Q6_K)):   # integer dots
-        return K4.matmul_k(x, w.data, w.ggml_type == int(T.Q6_K), w.n_out, w.n_in, out,
+    if n_tok <= DECODE_MAX_TOKENS and w.ggml_type in _K_WORDS:   # integer dot products
+        return K4.matmul_k(x, w.data, _K_WORDS[w.ggml_type], w.n_out, w.n_in, out,
                            **(dict(BM=64) if INTERPRET else {}))
     if n_tok <= DECODE_MAX_TOKENS:
         # tile sweep on an H100 (scripts/device/gemv_sweep.py, Q8_0 1.1B): 2 rows x 512
