@@ -20,10 +20,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from gguf import GGMLQuantizationType
+
 from ggforge.runtime.config import ModelConfig
 
 UBATCH = 512                     # prompt tokens per pass on the GPU (runtime/gpu/backend.py)
-Q6_K = 14                        # ggml type id
+# Q6_K's 210-byte blocks are padded to this on the device: 32-bit words for the integer
+# decode kernel (runtime/gpu/k4_kernels.py)
+Q6_K_DEVICE_BLOCK = 212
 MARGIN = 512 * 1024 * 1024       # bytes kept free on the device beyond the plan
 
 
@@ -159,9 +163,10 @@ class Plan:
 
 def device_bytes(info) -> int:
     """A tensor's bytes on the device: as in the file, except Q6_K, whose 210-byte blocks
-    are padded to 212 there (aligned words for the decode kernel)."""
+    are padded to Q6_K_DEVICE_BLOCK there."""
     n = int(info.nbytes)
-    return n // 210 * 212 if int(info.ggml_type) == Q6_K else n
+    q6 = int(info.ggml_type) == GGMLQuantizationType.Q6_K
+    return n // 210 * Q6_K_DEVICE_BLOCK if q6 else n
 
 
 def _layer_weight_bytes(gguf, n_layer: int) -> list[int]:

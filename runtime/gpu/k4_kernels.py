@@ -5,7 +5,7 @@ multiplies in float; it streamed 430-860 GB/s on an H100 (NOTES.md). Here, as gg
 ``vec_dot_q4_K_q8_K`` does:
 
 * the activations are rounded once to Q8_K (``_quant_q8k``: int8 quants, a float scale
-  per 256, and the sum of each 16 quants), the rounding of triton_kernels._act;
+  per 256, and the sum of each 16 quants), by triton_kernels._round_q8_k;
 * each 144-byte super-block (d, dmin: fp16; 12 bytes of 6-bit scales and mins; 128 bytes
   of nibbles) is read as 36 int32 words, 16-byte aligned (144 = 9 x 16). Word w of the
   nibbles of group g (64 elements) holds elements 64g + 4w.. in its low nibbles and
@@ -27,7 +27,7 @@ import triton.language as tl
 
 from ggforge.runtime.gpu import pdl
 from ggforge.runtime.gpu.q8_kernels import _dp4a
-from ggforge.runtime.gpu.triton_kernels import _rne
+from ggforge.runtime.gpu.triton_kernels import _round_q8_k
 
 M4 = tl.constexpr(0x0F0F0F0F)
 
@@ -40,14 +40,9 @@ def _quant_q8k(x, xq, xd, xs, n_in):
     t = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1)
     i = tl.arange(0, 256)[None, :]
-    xb = tl.load(x + t * n_in + b * 256 + i)                                       # (1, 256)
-    amax = tl.max(tl.abs(xb), axis=1, keep_dims=True)
-    first_pos = tl.min(tl.where((xb == amax) & (amax > 0), i, 256), axis=1, keep_dims=True)
-    first_neg = tl.min(tl.where((xb == -amax) & (amax > 0), i, 256), axis=1, keep_dims=True)
-    vmax = tl.where(first_pos < first_neg, amax, -amax)
-    iscale = tl.math.div_rn(-127.0 + 0 * amax, tl.where(amax != 0, vmax, 1.0))
-    q = tl.where(amax != 0, tl.minimum(_rne(iscale * xb), 127.0), 0.0)
-    d = tl.where(amax != 0, tl.math.div_rn(1.0 + 0 * iscale, iscale), 0.0)
+    q, d = _round_q8_k(tl.load(x + t * n_in + b * 256 + i), 1, 256)               # (1, 1, 256), (1, 1, 1)
+    q = tl.reshape(q, (1, 256))
+    d = tl.reshape(d, (1, 1))
     tl.store(xq + t * n_in + b * 256 + i, q.to(tl.int8))
     tl.store(xd + t * (n_in // 256) + b + tl.zeros((1, 1), tl.int32), d)
     s = tl.sum(tl.reshape(q.to(tl.int32), (16, 16)), axis=1)
@@ -185,13 +180,11 @@ def _sbyte(w0, w1, w2, w3, b):
     return (v ^ 128) - 128
 
 
-Q6_K_PADDED = 212   # bytes of a Q6_K block on the device (210 in the file, padded to words)
-
-
 def matmul_k(x: torch.Tensor, data: torch.Tensor, kind: str, n_out: int, n_in: int,
              out: torch.Tensor, BM: int = 8, NS: int = 2, num_warps: int = 4) -> torch.Tensor:
     """``x @ W.T`` for a few tokens x (n_tok, n_in) and rows ``data`` (uint8) of ``kind``
-    "q4_K", "q5_K" or "q6_K" (blocks padded to Q6_K_PADDED); n_in a multiple of 256."""
+    "q4_K", "q5_K" or "q6_K" (blocks padded to placement.Q6_K_DEVICE_BLOCK); n_in a multiple
+    of 256."""
     n_tok = x.shape[0]
     dev = x.device
     xq = torch.empty((n_tok, n_in), dtype=torch.int8, device=dev)

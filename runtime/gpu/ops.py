@@ -19,6 +19,7 @@ from gguf import GGMLQuantizationType as T
 
 from ggforge.formats.quants.k_common import KVALUES_IQ4NL
 from ggforge.runtime.kernels import QWeight, vec_dot_type
+from ggforge.runtime.placement import Q6_K_DEVICE_BLOCK
 
 if not torch.cuda.is_available():  # the CPU runs the same kernels in Triton's interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -71,9 +72,10 @@ class GWeight:
                       blocks[:, :, :2].contiguous().view(torch.float16).reshape(w.n_out, -1))
             bk = 512 if w.n_in % 512 == 0 else 256 if w.n_in % 256 == 0 else 128
             return cls(planes[0], t, w.n_in, w.n_out, ACT["q8_0"], bk, planes)
-        if t == int(T.Q6_K):               # 210-byte blocks padded to 212: word-aligned
+        if t == int(T.Q6_K):               # 210-byte blocks padded: word-aligned
             blocks = data.reshape(w.n_out, -1, 210)
-            pad = torch.zeros((w.n_out, blocks.shape[1], K4.Q6_K_PADDED - 210), dtype=torch.uint8, device=data.device)
+            pad = torch.zeros((w.n_out, blocks.shape[1], Q6_K_DEVICE_BLOCK - 210), dtype=torch.uint8,
+                              device=data.device)
             data = torch.cat([blocks, pad], dim=2).reshape(w.n_out, -1)
         elif torch.device(device).type == "cpu":
             data = data.clone()            # on the CPU .to() kept the file's pages

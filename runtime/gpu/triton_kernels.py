@@ -131,7 +131,7 @@ def _deq(w, row_off, k, tab, TYPE: tl.constexpr):
         h = (_u8(w, base + 16 + j % 32) >> s) & 1
         q = (_nib(w, base + 48 + 32 * g + j % 32, hi) + 16 * h).to(tl.float32)
         v = _f16(w, base) * sc * q - _f16(w, base + 2) * mn
-    elif TYPE == Q6_K:   # blocks padded to 212 bytes on the device (k4_kernels)
+    elif TYPE == Q6_K:   # blocks padded to 212 bytes on the device (placement.Q6_K_DEVICE_BLOCK)
         base = row_off + (k // 256) * 212
         j = k % 256
         h = j // 128
@@ -200,20 +200,28 @@ def _act(x, BT: tl.constexpr, BK: tl.constexpr, ACT: tl.constexpr):
         q = _rne(xb * iscale)
         return tl.reshape(q * d, (BT, BK))
     elif ACT == ACT_Q8_K:
-        xb = tl.reshape(x, (BT, BK // 256, 256))
-        ax = tl.abs(xb)
-        amax = tl.max(ax, axis=2, keep_dims=True)
-        idx = tl.reshape(tl.arange(0, 256), (1, 1, 256))
-        first_pos = tl.min(tl.where((xb == amax) & (amax > 0), idx, 256), axis=2, keep_dims=True)
-        first_neg = tl.min(tl.where((xb == -amax) & (amax > 0), idx, 256), axis=2, keep_dims=True)
-        vmax = tl.where(first_pos < first_neg, amax, -amax)
-        safe = tl.where(amax != 0, vmax, 1.0)
-        iscale = tl.math.div_rn(-127.0 + 0 * safe, safe)
-        q = tl.minimum(_rne(iscale * xb), 127.0)
-        d = tl.math.div_rn(1.0 + 0 * iscale, iscale)
-        return tl.reshape(tl.where(amax != 0, q * d, 0.0), (BT, BK))
+        q, d = _round_q8_k(x, BT, BK)
+        return tl.reshape(q * d, (BT, BK))
     else:
         return x
+
+
+@triton.jit
+def _round_q8_k(x, R: tl.constexpr, BK: tl.constexpr):
+    """x (R, BK) float32 -> (quants as float32 (R, BK/256, 256), scales (R, BK/256, 1)), as
+    quantize_row_q8_K_ref: the element of largest magnitude (the first, on a tie between
+    signs) gives scale max/-127, q = min(rne(x * -127/max), 127); all zero for a zero block."""
+    xb = tl.reshape(x, (R, BK // 256, 256))
+    amax = tl.max(tl.abs(xb), axis=2, keep_dims=True)
+    idx = tl.reshape(tl.arange(0, 256), (1, 1, 256))
+    first_pos = tl.min(tl.where((xb == amax) & (amax > 0), idx, 256), axis=2, keep_dims=True)
+    first_neg = tl.min(tl.where((xb == -amax) & (amax > 0), idx, 256), axis=2, keep_dims=True)
+    vmax = tl.where(first_pos < first_neg, amax, -amax)
+    safe = tl.where(amax != 0, vmax, 1.0)
+    iscale = tl.math.div_rn(-127.0 + 0 * safe, safe)
+    q = tl.where(amax != 0, tl.minimum(_rne(iscale * xb), 127.0), 0.0)
+    d = tl.where(amax != 0, tl.math.div_rn(1.0 + 0 * iscale, iscale), 0.0)
+    return q, d
 
 
 @triton.jit
