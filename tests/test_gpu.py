@@ -67,9 +67,10 @@ def test_matmul_equals_cpu_kernels(t):
 
 def test_q8_0_planes_and_byte_path_agree():
     """Q8_0 rows of a multiple of 128 go to the planar kernels (quants and scales regrouped
-    at upload, same bytes); others read the blocks as stored. Both equal the CPU."""
+    at upload, same bytes); others read the blocks as stored. Both equal the CPU, also
+    where the decode kernel's last step runs past the row (384 columns in steps of 256)."""
     rng = np.random.default_rng(3)
-    for n_in, planar in ((256, True), (96, False)):
+    for n_in, planar in ((256, True), (384, True), (96, False)):
         qw = _weight(T.Q8_0, 24, n_in, rng)
         gw = ops.GWeight.upload(qw, DEVICE)
         assert (gw.planes is not None) == planar and gw.nbytes == qw.raw.nbytes

@@ -4,7 +4,8 @@
   h = rms_norm(x) * w (the attention input).
 * ``_mid``: x += [rms_norm(o) * w_post | o], h = rms_norm(x) * w_ffn (the FFN input).
 * ``_act``: act(gate) * up (SiLU, or ggml's fp16 GELU table) (the ffn_down input).
-* ``_prep``: q|k|v -> [bias], [q/k norms], rope, the cache write, the queries.
+* ``_prep``: q|k|v -> [bias], [q/k norms], rope, the cache write, the queries (a program
+  per token and q|k head).
 
 With ``QUANT`` (decode through layers whose weights are all Q8_0 planes) a kernel ends by
 rounding h to Q8_0, int8 quants and scales that the planar matrix-vector kernel reads
@@ -25,6 +26,9 @@ import triton.language as tl
 from ggforge.runtime.gpu import pdl
 
 from ggforge.runtime.gpu.q8_kernels import _round_q8_0, act_buffers
+
+# warps a program of each glue kernel (scripts/device/glue_sweep.py times the choices)
+WARPS = {"norm": 4, "mid": 4, "act": 4, "prep": 4}
 
 
 @triton.jit
@@ -126,7 +130,8 @@ def norm(x: torch.Tensor, w: torch.Tensor, eps: float, r: torch.Tensor | None = 
     x_out = x if r is None else torch.empty_like(x)
     _norm[(n_tok,)](x, x if r is None else r, w if r_w is None else r_w, w, x_out, xq, xd, n,
                     float(eps), HAS_R=r is not None, R_NORM=r_w is not None, QUANT=quant,
-                    BN=triton.next_power_of_2(n), num_warps=4, enable_fp_fusion=False, **pdl.LAUNCH)
+                    BN=triton.next_power_of_2(n), num_warps=WARPS["norm"], enable_fp_fusion=False,
+                    **pdl.LAUNCH)
     return (x_out, xq, xd) if quant else (x_out, xq)
 
 
@@ -139,7 +144,8 @@ def mid(x: torch.Tensor, o: torch.Tensor, w_post: torch.Tensor | None, w_ffn: to
     xq, xd = _out(n_tok, n, quant, x.device)
     _mid[(n_tok,)](x, o, w_ffn if w_post is None else w_post, w_ffn, x_out, xq, xd, n,
                    float(eps), HAS_POST=w_post is not None, QUANT=quant,
-                   BN=triton.next_power_of_2(n), num_warps=4, enable_fp_fusion=False, **pdl.LAUNCH)
+                   BN=triton.next_power_of_2(n), num_warps=WARPS["mid"], enable_fp_fusion=False,
+                   **pdl.LAUNCH)
     return (x_out, xq, xd) if quant else (x_out, xq)
 
 
@@ -150,28 +156,29 @@ def act(gu: torch.Tensor, n_ff: int, kind: str, gelu_table: torch.Tensor, quant:
     xq, xd = _out(n_tok, n_ff, quant, gu.device)
     bk = 128 if n_ff % 128 == 0 or not quant else 32
     _act[(n_tok, triton.cdiv(n_ff, bk))](gu, gelu_table, xq, xd, n_ff, GELU=kind == "gelu",
-                                          QUANT=quant, BK=bk, num_warps=4, enable_fp_fusion=False,
+                                          QUANT=quant, BK=bk, num_warps=WARPS["act"], enable_fp_fusion=False,
                                           **pdl.LAUNCH)
     return (xq, xd) if quant else xq
 
 
 @triton.jit
 def _prep(qkv, pos_p, cos_t, sin_t, kc, vc, pc, bias, qn, kn, q_out, n_head, n_head_kv, size,
-          eps, q_scale, D: tl.constexpr, DV: tl.constexpr, HALF: tl.constexpr, HP: tl.constexpr,
-          DP: tl.constexpr, KVP: tl.constexpr, DVP: tl.constexpr, NEOX: tl.constexpr,
+          eps, q_scale, D: tl.constexpr, DV: tl.constexpr, HALF: tl.constexpr,
+          DP: tl.constexpr, DVP: tl.constexpr, NEOX: tl.constexpr,
           HAS_B: tl.constexpr, HAS_NORM: tl.constexpr, QSCALE: tl.constexpr):
-    """Program t (a token): from its q|k|v row to the cache and the queries. Rows 0..n_head-1
-    of the (HP, DP) tile are query heads, the next n_head_kv key heads: [+ bias], [per-head
+    """Program (t, h) (a token, a head row): from its q|k|v row to the cache and the queries.
+    Row h < n_head is query head h, the next n_head_kv rows key heads: [+ bias], [per-head
     RMS norm], rope (each element and its pair partner, loaded separately, go through the
-    same arithmetic), [x attn scale for q]; keys, values and the position are written to
-    cell pos % size. The CPU backend's order of operations, no fused multiply-adds."""
+    same arithmetic), [x attn scale for q]; programs h < n_head_kv also copy value head h,
+    program h == 0 the position; keys, values and the position go to cell pos % size. The
+    CPU backend's order of operations, no fused multiply-adds."""
     pdl.start()
     t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
     pos = tl.load(pos_p + t)
     row = qkv + t * ((n_head + n_head_kv) * D + n_head_kv * DV)
-    hi = tl.arange(0, HP)[:, None]
     j = tl.arange(0, DP)[None, :]
-    ok = (hi < n_head + n_head_kv) & (j < D)
+    ok = j < D
     if NEOX:
         jp = tl.where(j < HALF, j + HALF, tl.where(j < 2 * HALF, j - HALF, j))
         pair = tl.where(j < HALF, j, j - HALF)
@@ -179,19 +186,19 @@ def _prep(qkv, pos_p, cos_t, sin_t, kc, vc, pc, bias, qn, kn, q_out, n_head, n_h
         jp = tl.where(j < 2 * HALF, j ^ 1, j)
         pair = j // 2
     first = (j == jp) | (j < jp)
-    x = tl.load(row + hi * D + j, mask=ok, other=0.0)
-    xp = tl.load(row + hi * D + jp, mask=ok, other=0.0)
+    isq = h < n_head
+    x = tl.load(row + h * D + j, mask=ok, other=0.0)
+    xp = tl.load(row + h * D + jp, mask=ok, other=0.0)
     if HAS_B:
-        x += tl.load(bias + hi * D + j, mask=ok, other=0.0)
-        xp += tl.load(bias + hi * D + jp, mask=ok, other=0.0)
+        x += tl.load(bias + h * D + j, mask=ok, other=0.0)
+        xp += tl.load(bias + h * D + jp, mask=ok, other=0.0)
     if HAS_NORM:
         s = tl.sum((x * x).to(tl.float64), axis=1, keep_dims=True)
         r = tl.math.div_rn(1.0 + 0 * s.to(tl.float32), tl.math.sqrt_rn((s / D).to(tl.float32) + eps))
-        isq = hi < n_head
-        w = tl.where(isq, tl.load(qn + j + 0 * hi, mask=ok & isq, other=0.0),
-                     tl.load(kn + j + 0 * hi, mask=ok & (hi >= n_head), other=0.0))
-        wp = tl.where(isq, tl.load(qn + jp + 0 * hi, mask=ok & isq, other=0.0),
-                      tl.load(kn + jp + 0 * hi, mask=ok & (hi >= n_head), other=0.0))
+        w = tl.where(isq, tl.load(qn + j, mask=ok & isq, other=0.0),
+                     tl.load(kn + j, mask=ok & (h >= n_head), other=0.0))
+        wp = tl.where(isq, tl.load(qn + jp, mask=ok & isq, other=0.0),
+                      tl.load(kn + jp, mask=ok & (h >= n_head), other=0.0))
         x = x * r * w
         xp = xp * r * wp
     rot = j < 2 * HALF
@@ -199,37 +206,38 @@ def _prep(qkv, pos_p, cos_t, sin_t, kc, vc, pc, bias, qn, kn, q_out, n_head, n_h
     sn = tl.load(sin_t + pos * HALF + pair, mask=rot, other=0.0)
     y = tl.where(rot, tl.where(first, x * c - xp * sn, xp * sn + x * c), x)
     slot = pos % size
-    isk = (hi >= n_head) & ok
-    kh = tl.where(isk, hi - n_head, 0)
+    isk = (h >= n_head) & ok
+    kh = tl.where(h >= n_head, h - n_head, 0)
     tl.store(kc + (slot * n_head_kv + kh) * D + j, y, mask=isk)
     if QSCALE:
         y = y * q_scale
-    tl.store(q_out + (t * n_head + hi) * D + j, y, mask=ok & (hi < n_head))
-    vh = tl.arange(0, KVP)[:, None]
-    e = tl.arange(0, DVP)[None, :]
-    okv = (vh < n_head_kv) & (e < DV)
-    voff = (n_head + n_head_kv) * D
-    v = tl.load(row + voff + vh * DV + e, mask=okv, other=0.0)
-    if HAS_B:
-        v += tl.load(bias + voff + vh * DV + e, mask=okv, other=0.0)
-    tl.store(vc + (slot * n_head_kv + vh) * DV + e, v, mask=okv)
-    tl.store(pc + slot, pos)
+    tl.store(q_out + (t * n_head + h) * D + j, y, mask=ok & isq)
+    if h < n_head_kv:
+        e = tl.arange(0, DVP)[None, :]
+        okv = e < DV
+        voff = (n_head + n_head_kv) * D
+        v = tl.load(row + voff + h * DV + e, mask=okv, other=0.0)
+        if HAS_B:
+            v += tl.load(bias + voff + h * DV + e, mask=okv, other=0.0)
+        tl.store(vc + (slot * n_head_kv + h) * DV + e, v, mask=okv)
+    if h == 0:
+        tl.store(pc + slot, pos)
 
 
 def prep(qkv, pos, cos_t, sin_t, kc, vc, pc, bias, q_norm, k_norm, n_head: int, n_head_kv: int,
          d: int, dv: int, eps: float, rope: str, q_scale: float | None, size: int):
     """backend._attn_prep in one launch: queries (n, n_head, d); keys, values and positions
     written to the cache. ``bias`` is q|k|v's bias concatenated (or None), ``q_scale`` the
-    attention scale when it multiplies the queries."""
+    attention scale when it multiplies the queries. A program per (token, q|k head row)."""
     n = qkv.shape[0]
     n_rot_half = cos_t.shape[1]
     q = torch.empty((n, n_head, d), dtype=torch.float32, device=qkv.device)
-    _prep[(n,)](qkv, pos, cos_t, sin_t, kc, vc, pc, qkv if bias is None else bias,
-                qkv if q_norm is None else q_norm, qkv if k_norm is None else k_norm, q,
-                n_head, n_head_kv, size, float(eps), float(q_scale or 1.0), D=d, DV=dv,
-                HALF=n_rot_half, HP=triton.next_power_of_2(n_head + n_head_kv),
-                DP=triton.next_power_of_2(d), KVP=max(2, triton.next_power_of_2(n_head_kv)),
-                DVP=triton.next_power_of_2(dv), NEOX=rope != "norm", HAS_B=bias is not None,
-                HAS_NORM=q_norm is not None, QSCALE=q_scale is not None, num_warps=4,
-                enable_fp_fusion=False, **pdl.LAUNCH)
+    _prep[(n, n_head + n_head_kv)](
+        qkv, pos, cos_t, sin_t, kc, vc, pc, qkv if bias is None else bias,
+        qkv if q_norm is None else q_norm, qkv if k_norm is None else k_norm, q,
+        n_head, n_head_kv, size, float(eps), float(q_scale or 1.0), D=d, DV=dv,
+        HALF=n_rot_half, DP=triton.next_power_of_2(d), DVP=triton.next_power_of_2(dv),
+        NEOX=rope != "norm", HAS_B=bias is not None, HAS_NORM=q_norm is not None,
+        QSCALE=q_scale is not None, num_warps=WARPS["prep"], enable_fp_fusion=False,
+        **pdl.LAUNCH)
     return q

@@ -139,6 +139,11 @@ def matmul(x: torch.Tensor, w: GWeight, out: torch.Tensor | None = None) -> torc
 # Q8_0 planar tiles (scripts/device/q8_sweep.py on an H100): decode 8 rows x 512 columns,
 # 8 warps, 2.4-2.9 TB/s from DRAM; prefill 64 tokens x 128 rows, int8 dots 32 columns deep.
 Q8_GEMV = dict(BM=8, BK=512, num_warps=8)
+
+
+def q8_gemv_tiles(n_out: int, n_in: int) -> dict:
+    """Decode tiles for a Q8_0-planar product of this shape."""
+    return dict(Q8_GEMV)
 Q8_GEMM = dict(BT=64, BM=128, BK=64, num_warps=4)
 
 
@@ -159,9 +164,7 @@ def matmul_q8(xq: torch.Tensor, xd: torch.Tensor, w: GWeight,
     if out is None:
         out = torch.empty((n_tok, w.n_out), dtype=torch.float32, device=xq.device)
     if n_tok <= DECODE_MAX_TOKENS:
-        cfg = dict(BM=128, BK=w.bk, num_warps=4) if INTERPRET else dict(Q8_GEMV)
-        if w.n_in % cfg["BK"]:
-            cfg["BK"] = w.bk
+        cfg = dict(BM=128, BK=256, num_warps=4) if INTERPRET else q8_gemv_tiles(w.n_out, w.n_in)
         Q8._gemv[(triton.cdiv(w.n_out, cfg["BM"]), n_tok)](
             q.view(torch.int32), d, xq.view(torch.int32), xd, out, w.n_out, w.n_in, **cfg, **pdl.LAUNCH)
         return out

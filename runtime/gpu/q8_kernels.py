@@ -68,12 +68,18 @@ def _gemv(q, d, xw, xd, y, n_out, n_in: tl.constexpr, BM: tl.constexpr, BK: tl.c
     acc = tl.zeros((BM, BK // 32), tl.float32)
     for k0 in range(0, n_in, BK):
         k4 = k0 // 4 + tl.arange(0, BK // 4)[None, :]
-        xv = tl.load(xw + t * (n_in // 4) + k4)
-        xs = tl.load(xd + t * (n_in // 32) + k0 // 32 + tl.arange(0, BK // 32))
-        w4 = tl.load(q + r * (n_in // 4) + k4)
+        kb = k0 // 32 + tl.arange(0, BK // 32)
+        if n_in % BK == 0:
+            xv = tl.load(xw + t * (n_in // 4) + k4)
+            xs = tl.load(xd + t * (n_in // 32) + kb)
+            w4 = tl.load(q + r * (n_in // 4) + k4)
+            dw = tl.load(d + r * (n_in // 32) + kb[None, :]).to(tl.float32)
+        else:  # the last step runs past n_in (e.g. 11,008 columns in steps of 512): zeros there
+            xv = tl.load(xw + t * (n_in // 4) + k4, mask=k4 < n_in // 4, other=0)
+            xs = tl.load(xd + t * (n_in // 32) + kb, mask=kb < n_in // 32, other=0.0)
+            w4 = tl.load(q + r * (n_in // 4) + k4, mask=k4 < n_in // 4, other=0)
+            dw = tl.load(d + r * (n_in // 32) + kb[None, :], mask=kb[None, :] < n_in // 32, other=0.0).to(tl.float32)
         s = tl.sum(tl.reshape(_dp4a(w4, tl.broadcast_to(xv, (BM, BK // 4))), (BM, BK // 32, 8)), axis=2)
-        kb = k0 // 32 + tl.arange(0, BK // 32)[None, :]
-        dw = tl.load(d + r * (n_in // 32) + kb).to(tl.float32)
         acc += s.to(tl.float32) * (dw * tl.reshape(xs, (1, BK // 32)))
     tl.store(y + t * n_out + rows, tl.sum(acc, axis=1), mask=rows < n_out)
 

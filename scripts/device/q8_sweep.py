@@ -2,7 +2,7 @@
 variants and tiles, then prefill tiles, each timed inside a CUDA graph (median), with
 GB/s over the weight bytes and the error against a float64 product.
 
-    python3 scripts/device/q8_sweep.py [quick]
+    python3 scripts/device/q8_sweep.py [quick] [decode | NAME-PREFIX]
 """
 import sys
 
@@ -15,7 +15,10 @@ from ggforge.runtime.gpu import q8_kernels as Q8
 QUICK = "quick" in sys.argv
 torch.manual_seed(0)
 SHAPES = {"qkv": (2560, 2048), "gate_up": (11264, 2048), "down": (2048, 5632),
-          "head": (32000, 2048), "8B.gate_up": (28672, 4096), "8B.down": (4096, 14336)}
+          "head": (32000, 2048), "8B.gate_up": (28672, 4096), "8B.down": (4096, 14336),
+          "7B.qkv": (6144, 4096), "7B.o": (4096, 4096), "7B.gate_up": (22016, 4096),
+          "7B.down": (4096, 11008), "7B.head": (32000, 4096)}
+ONLY = next((a for a in sys.argv[1:] if a != "quick"), None)   # a name prefix (7B.) or decode
 
 
 def planes(n_out, n_in):
@@ -51,12 +54,12 @@ def decode(name, n_out, n_in):
         us = bench(fn)
         res.append((us, label, nbytes / us / 1e3, err))
     q32, x32 = q.view(torch.int32), xq.view(torch.int32)
-    bms = (4, 8) if QUICK else (2, 4, 8, 16)
-    for bk in (512, 1024):
-        if n_in % bk:
-            continue
+    bms = (4, 8) if QUICK else (4, 8, 16)
+    for bk in (256, 512, 1024, 2048):
         for bm in bms:
-            for nw in (2, 4, 8):
+            for nw in (4, 8):
+                if bm * bk // 4 < 32 * nw:   # fewer words than threads
+                    continue
                 g = (triton.cdiv(n_out, bm), 1)
                 run(f"bm{bm} bk{bk} w{nw}", lambda: Q8._gemv[g](q32, d, x32, xd, y, n_out, n_in, BM=bm, BK=bk, num_warps=nw))
     qa = bench(lambda: Q8._quant_act[(1, n_in // 128)](x, xq, xd, n_in, BK=128))
@@ -101,8 +104,8 @@ def prefill(name, n_out, n_in, n_tok=512):
 
 if __name__ == "__main__":
     for name, (n_out, n_in) in SHAPES.items():
-        if QUICK and name.startswith("8B"):
+        if (ONLY not in (None, "decode") and not name.startswith(ONLY)) or (QUICK and name[0].isdigit()):
             continue
         decode(name, n_out, n_in)
-    for name in ("gate_up", "down"):
+    for name in () if ONLY else ("gate_up", "down"):
         prefill(name, *SHAPES[name])
