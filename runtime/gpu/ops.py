@@ -9,9 +9,12 @@ kernel (prefill); both dequantize inside the kernel (triton_kernels.py).
 """
 from __future__ import annotations
 
+import functools
+import json
 import os
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -142,8 +145,16 @@ Q8_GEMV = dict(BM=8, BK=512, num_warps=8)
 
 
 def q8_gemv_tiles(n_out: int, n_in: int) -> dict:
-    """Decode tiles for a Q8_0-planar product of this shape."""
-    return dict(Q8_GEMV)
+    """Decode tiles for a Q8_0-planar product of this shape (GGFORGE_Q8_TILES: a tile file
+    written by scripts/device/q8_sweep.py, to try a sweep's choice before it is made the
+    default here)."""
+    return dict(_tile_file().get(f"{n_out}x{n_in}", Q8_GEMV))
+
+
+@functools.cache
+def _tile_file() -> dict:
+    path = os.environ.get("GGFORGE_Q8_TILES")
+    return json.loads(Path(path).read_text()) if path else {}
 Q8_GEMM = dict(BT=64, BM=128, BK=64, num_warps=4)
 
 

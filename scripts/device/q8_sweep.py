@@ -4,6 +4,8 @@ GB/s over the weight bytes and the error against a float64 product.
 
     python3 scripts/device/q8_sweep.py [quick] [decode | NAME-PREFIX]
 """
+import json
+import os
 import sys
 
 import torch
@@ -37,6 +39,9 @@ def bench(fn):
     return do_bench_cudagraph(fn, rep=30, return_mode="median") * 1e3  # us
 
 
+TILES = {}   # the fastest decode tiles by shape, for GGFORGE_Q8_TILES (ops.q8_gemv_tiles)
+
+
 def decode(name, n_out, n_in):
     q, d = planes(n_out, n_in)
     x = torch.randn((1, n_in), device="cuda")
@@ -48,25 +53,27 @@ def decode(name, n_out, n_in):
     nbytes = n_out * n_in * 34 / 32
     res = []
 
-    def run(label, fn):
+    def run(label, fn, cfg=None):
         fn()
         err = ((y.double() - ref).abs().max() / ref.abs().max()).item()
         us = bench(fn)
-        res.append((us, label, nbytes / us / 1e3, err))
+        res.append((us, label, nbytes / us / 1e3, err, cfg))
     q32, x32 = q.view(torch.int32), xq.view(torch.int32)
     bms = (4, 8) if QUICK else (4, 8, 16)
-    for bk in (256, 512, 1024, 2048):
+    for bk in (512, 1024, 2048):
         for bm in bms:
             for nw in (4, 8):
                 if bm * bk // 4 < 32 * nw:   # fewer words than threads
                     continue
                 g = (triton.cdiv(n_out, bm), 1)
-                run(f"bm{bm} bk{bk} w{nw}", lambda: Q8._gemv[g](q32, d, x32, xd, y, n_out, n_in, BM=bm, BK=bk, num_warps=nw))
+                run(f"bm{bm} bk{bk} w{nw}", lambda: Q8._gemv[g](q32, d, x32, xd, y, n_out, n_in, BM=bm, BK=bk, num_warps=nw),
+                    dict(BM=bm, BK=bk, num_warps=nw))
     qa = bench(lambda: Q8._quant_act[(1, n_in // 128)](x, xq, xd, n_in, BK=128))
     res.sort()
     print(f"decode {name} {n_out}x{n_in} ({nbytes / 2**20:.1f} MiB), quant_act {qa:.1f} us", flush=True)
-    for us, label, gbs, err in res[:6] + res[-1:]:
+    for us, label, gbs, err, _ in res[:6] + res[-1:]:
         print(f"  {label:24s} {us:7.1f} us {gbs:7.0f} GB/s err {err:.1e}", flush=True)
+    TILES[f"{n_out}x{n_in}"] = res[0][4]
 
 
 def prefill(name, n_out, n_in, n_tok=512):
@@ -107,5 +114,9 @@ if __name__ == "__main__":
         if (ONLY not in (None, "decode") and not name.startswith(ONLY)) or (QUICK and name[0].isdigit()):
             continue
         decode(name, n_out, n_in)
+    out = os.path.join(os.environ.get("OUT", "/tmp"), "q8_tiles.json")
+    with open(out, "w") as f:
+        json.dump(TILES, f, indent=1)
+    print("tiles:", out)
     for name in () if ONLY else ("gate_up", "down"):
         prefill(name, *SHAPES[name])
