@@ -84,6 +84,22 @@ def test_q8_0_planes_and_byte_path_agree():
         assert np.array_equal(got, cpu_get_rows(qw, ids))
 
 
+def test_q8_0_decode_tiles_by_shape(tmp_path, monkeypatch):
+    """Wide products (both sides >= 4,096) step 2,048 columns, narrower ones 512; a tile
+    file from scripts/device/q8_sweep.py (GGFORGE_Q8_TILES) takes precedence."""
+    assert ops.q8_gemv_tiles(4096, 11008)["BK"] == 2048
+    assert ops.q8_gemv_tiles(2048, 5632)["BK"] == 512
+    f = tmp_path / "tiles.json"
+    f.write_text('{"2048x5632": {"BM": 2, "BK": 1024, "num_warps": 2}}')
+    monkeypatch.setenv("GGFORGE_Q8_TILES", str(f))
+    ops._tile_file.cache_clear()
+    try:
+        assert ops.q8_gemv_tiles(2048, 5632) == {"BM": 2, "BK": 1024, "num_warps": 2}
+        assert ops.q8_gemv_tiles(4096, 11008)["BK"] == 2048
+    finally:
+        ops._tile_file.cache_clear()
+
+
 def test_grouped_weights_are_one_launch_and_equal():
     rng = np.random.default_rng(1)
     a, b = _weight(T.Q4_K, 24, 256, rng), _weight(T.Q4_K, 8, 256, rng)

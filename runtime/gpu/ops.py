@@ -139,23 +139,33 @@ def matmul(x: torch.Tensor, w: GWeight, out: torch.Tensor | None = None) -> torc
     return out
 
 
-# Q8_0 planar tiles (scripts/device/q8_sweep.py on an H100): decode 8 rows x 512 columns,
-# 8 warps, 2.4-2.9 TB/s from DRAM; prefill 64 tokens x 128 rows, int8 dots 32 columns deep.
+# Q8_0 planar tiles (scripts/device/q8_sweep.py): decode 8 rows x 512 columns, 8 warps
+# (H100, 1.1B shapes: 2.4-2.9 TB/s from DRAM); where rows and columns both number 4,096 or
+# more, 2,048-column steps (H200, 7B shapes: ffn_down 8.4 us against 33 us in 256-column steps),
+# and the two shapes whose sweep chose otherwise. Prefill 64 tokens x 128 rows, int8 dots
+# 32 columns deep.
 Q8_GEMV = dict(BM=8, BK=512, num_warps=8)
+Q8_GEMV_WIDE = dict(BM=8, BK=2048, num_warps=8)
+Q8_GEMV_SWEPT = {(6144, 4096): dict(BM=16, BK=1024, num_warps=4),     # 7B q|k|v
+                 (22016, 4096): dict(BM=4, BK=2048, num_warps=4)}     # 7B gate|up
+Q8_GEMM = dict(BT=64, BM=128, BK=64, num_warps=4)
 
 
 def q8_gemv_tiles(n_out: int, n_in: int) -> dict:
     """Decode tiles for a Q8_0-planar product of this shape (GGFORGE_Q8_TILES: a tile file
     written by scripts/device/q8_sweep.py, to try a sweep's choice before it is made the
     default here)."""
-    return dict(_tile_file().get(f"{n_out}x{n_in}", Q8_GEMV))
+    tiles = _tile_file().get(f"{n_out}x{n_in}")
+    if tiles is None:
+        wide = min(n_out, n_in) >= 4096
+        tiles = Q8_GEMV_SWEPT.get((n_out, n_in), Q8_GEMV_WIDE if wide else Q8_GEMV)
+    return dict(tiles)
 
 
 @functools.cache
 def _tile_file() -> dict:
     path = os.environ.get("GGFORGE_Q8_TILES")
     return json.loads(Path(path).read_text()) if path else {}
-Q8_GEMM = dict(BT=64, BM=128, BK=64, num_warps=4)
 
 
 def _matmul_q8_0(x: torch.Tensor, w: GWeight, out: torch.Tensor) -> torch.Tensor:
