@@ -6,6 +6,8 @@ tests marked ``gpu`` need CUDA (CUDA graphs, speed) and skip without it.
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -51,6 +53,7 @@ def test_matmul_equals_cpu_kernels(t):
     n_in = 512 if t not in (T.F32, T.F16, T.BF16) else 200    # ragged rows for floats
     qw = _weight(t, 40, n_in, rng)
     gw = ops.GWeight.upload(qw, DEVICE)
+    assert gw.nbytes == placement.device_bytes(SimpleNamespace(nbytes=qw.raw.nbytes, ggml_type=t))
     # Q4_1/Q5_1: llama.cpp adds min * fp16(d * sum(q)) per block; we fold the fp16 rounding
     # of d in instead (a 5e-4 difference)
     bound = 2e-3 if t in (T.Q4_1, T.Q5_1) else 2e-6
@@ -348,8 +351,9 @@ def test_plan_counts_layers_as_llama_cpp(q4km):
         swa = [c.is_swa(i) for i in range(c.n_layer)]
         ring = min(128, c.sliding_window + placement.UBATCH)
         assert p.gpu_kv == sum((ring if s else 128) * per_cell for s in swa)
-        def dev(t):   # Q6_K blocks are padded from 210 to 212 bytes on the device
-            return int(t.nbytes) // 210 * 212 if t.ggml_type == T.Q6_K else int(t.nbytes)
+        def dev(t):   # blocks padded on the device: Q6_K 210 -> 212, Q5_0 22 -> 24, Q4_0 18 -> 20
+            pad = {T.Q6_K: (210, 212), T.Q5_0: (22, 24), T.Q4_0: (18, 20)}.get(t.ggml_type, (1, 1))
+            return int(t.nbytes) // pad[0] * pad[1]
         weights = sum(dev(t) for name, t in g.tensors.items() if name.startswith("blk."))
         assert any(t.ggml_type == T.Q6_K for t in g.tensors.values())
         head = int(g.tensors["output_norm.weight"].nbytes) + dev(g.tensors["token_embd.weight"])

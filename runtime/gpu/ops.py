@@ -22,7 +22,7 @@ from gguf import GGMLQuantizationType as T
 
 from ggforge.formats.quants.k_common import KVALUES_IQ4NL
 from ggforge.runtime.kernels import QWeight, vec_dot_type
-from ggforge.runtime.placement import Q6_K_DEVICE_BLOCK
+from ggforge.runtime.placement import DEVICE_BLOCKS
 
 if not torch.cuda.is_available():  # the CPU runs the same kernels in Triton's interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -38,6 +38,7 @@ ACT = K.ACT_CODES
 FLOATS = {int(T.F32): torch.float32, int(T.F16): torch.float16, int(T.BF16): torch.bfloat16}
 DECODE_MAX_TOKENS = 8      # up to this many tokens the matrix-vector kernel runs
 _K_WORDS = {int(T.Q4_K): "q4_K", int(T.Q5_K): "q5_K", int(T.Q6_K): "q6_K"}   # k4_kernels
+_BLOCK32_WORDS = (int(T.Q4_0), int(T.Q5_0))   # q8_kernels._gemv_q5_0
 # Triton's interpreter pays per program: give it few, large tiles
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _TABLES: dict[torch.device, torch.Tensor] = {}
@@ -75,11 +76,12 @@ class GWeight:
                       blocks[:, :, :2].contiguous().view(torch.float16).reshape(w.n_out, -1))
             bk = 512 if w.n_in % 512 == 0 else 256 if w.n_in % 256 == 0 else 128
             return cls(planes[0], t, w.n_in, w.n_out, ACT["q8_0"], bk, planes)
-        if t == int(T.Q6_K):               # 210-byte blocks padded: word-aligned
-            blocks = data.reshape(w.n_out, -1, 210)
-            pad = torch.zeros((w.n_out, blocks.shape[1], Q6_K_DEVICE_BLOCK - 210), dtype=torch.uint8,
+        if t in DEVICE_BLOCKS:             # blocks padded: word-aligned
+            size, dev_size, front = DEVICE_BLOCKS[t]
+            blocks = data.reshape(w.n_out, -1, size)
+            pad = torch.zeros((w.n_out, blocks.shape[1], dev_size - size), dtype=torch.uint8,
                               device=data.device)
-            data = torch.cat([blocks, pad], dim=2).reshape(w.n_out, -1)
+            data = torch.cat([pad, blocks] if front else [blocks, pad], dim=2).reshape(w.n_out, -1)
         elif torch.device(device).type == "cpu":
             data = data.clone()            # on the CPU .to() kept the file's pages
         if t in FLOATS:
@@ -119,7 +121,10 @@ def matmul(x: torch.Tensor, w: GWeight, out: torch.Tensor | None = None) -> torc
     tab = _table(x.device)
     if w.planes is not None:
         return _matmul_q8_0(x, w, out)
-    if n_tok <= DECODE_MAX_TOKENS and w.ggml_type in _K_WORDS:   # integer dot products
+    if n_tok <= DECODE_MAX_TOKENS and w.ggml_type in _BLOCK32_WORDS:   # integer dot products
+        return Q8.matmul_q5_0(x, w.data, w.ggml_type == int(T.Q5_0), w.n_out, w.n_in, out,
+                              **(dict(BM=64) if INTERPRET else {}))
+    if n_tok <= DECODE_MAX_TOKENS and w.ggml_type in _K_WORDS:
         return K4.matmul_k(x, w.data, _K_WORDS[w.ggml_type], w.n_out, w.n_in, out,
                            **(dict(BM=64) if INTERPRET else {}))
     if n_tok <= DECODE_MAX_TOKENS:

@@ -15,6 +15,10 @@ program of the product cost 3 to 4 times the product (NOTES.md).
 * ``_gemv``: decode. Each program owns ``BM`` rows; four int8 products and their sum are
   one ``dp4a`` instruction on 32-bit words of the planes.
 * ``_gemm``: prefill. Int8 ``tl.dot`` tiles (tensor cores) give each block's integer sums.
+* ``_gemv_q5_0``: decode of Q5_0 and Q4_0 rows against the same rounded activations, from
+  their blocks as padded at upload (placement.DEVICE_BLOCKS: 24 and 20 bytes, so words are
+  aligned); the nibbles (and fifth bits) unpacked into int8 words for ``dp4a``. Prefill
+  of these types reads the padded blocks byte-wise (triton_kernels._gemm).
 """
 from __future__ import annotations
 
@@ -127,3 +131,75 @@ def _gemm(q, d, xq, xd, y, n_tok, n_out, n_in: tl.constexpr, BT: tl.constexpr,
             acc += s.to(tl.float32) * (dx[:, None] * dw[None, :])
     out = y + toks.to(tl.int64)[:, None] * n_out + rows[None, :]
     tl.store(out, acc, mask=(toks[:, None] < n_tok) & (rows[None, :] < n_out))
+
+
+M4 = tl.constexpr(0x0F0F0F0F)
+ONES = tl.constexpr(0x01010101)
+
+
+@triton.jit
+def _spread4(v):
+    """Bits 0..3 of v (int32, 0..15) to bit 4 of bytes 0..3 (a Q5_0 quant's fifth bit)."""
+    return ((v * 0x00204081) & ONES) << 4
+
+
+@triton.jit
+def _gemv_q5_0(w, xw, xd, y, n_out, n_in: tl.constexpr, BM: tl.constexpr, NB: tl.constexpr,
+               Q5: tl.constexpr):
+    """Q5_0 rows (Q4_0 without Q5) as padded on the device, 24 (20) bytes a block: word 0
+    holds d in its high half, [word 1 the fifth bits qh,] the last four words the nibbles,
+    byte j's low nibble element j and its high nibble element j + 16. Per block, as ggml's
+    vec_dot_q5_0_q8_0 / q4_0_q8_0: the exact sum of (q - 16) x_q (q - 8 for Q4_0) by dp4a,
+    then Q5_0 (d_w * d_x) * sumi, Q4_0 (sumi * d_w) * d_x in float32. Program (row block,
+    token); NB blocks a step."""
+    pdl.start()
+    pid = tl.program_id(0)
+    t = tl.program_id(1).to(tl.int64)
+    rows = pid * BM + tl.arange(0, BM)
+    WB: tl.constexpr = 6 if Q5 else 5
+    nb: tl.constexpr = n_in // 32
+    row_w = (tl.minimum(rows, n_out - 1).to(tl.int64) * (nb * WB))[:, None, None]
+    bi = tl.arange(0, NB)[None, :, None]
+    i4 = tl.arange(0, 4)[None, None, :]
+    acc = tl.zeros((BM, NB), tl.float32)
+    for b0 in range(0, nb, NB):
+        blk = b0 + bi                                                        # (1, NB, 1)
+        ok = blk < nb
+        base = row_w + blk * WB                                              # (BM, NB, 1)
+        qs = tl.load(w + base + (WB - 4) + i4, mask=ok, other=0)             # (BM, NB, 4)
+        lo = qs & M4
+        hi = (qs >> 4) & M4
+        if Q5:
+            qh = tl.load(w + base + 1, mask=ok, other=0)                     # (BM, NB, 1)
+            lo = lo | _spread4((qh >> (4 * i4)) & 15)
+            hi = hi | _spread4((qh >> (16 + 4 * i4)) & 15)
+        xoff = t * (n_in // 4) + blk * 8 + i4                                # (1, NB, 4)
+        x_lo = tl.load(xw + xoff, mask=ok, other=0)
+        x_hi = tl.load(xw + xoff + 4, mask=ok, other=0)
+        isum = tl.sum(_dp4a(lo, tl.broadcast_to(x_lo, (BM, NB, 4)))
+                      + _dp4a(hi, tl.broadcast_to(x_hi, (BM, NB, 4))), axis=2)            # (BM, NB)
+        ones = tl.full((1, NB, 4), 0x01010101, tl.int32)
+        xsum = tl.sum(_dp4a(ones, x_lo) + _dp4a(ones, x_hi), axis=2)                      # (1, NB)
+        isum = isum - (16 if Q5 else 8) * xsum
+        dw = ((tl.load(w + base, mask=ok, other=0) >> 16) & 0xFFFF).to(tl.int16)
+        dw = tl.reshape(dw.to(tl.float16, bitcast=True).to(tl.float32), (BM, NB))
+        dx = tl.reshape(tl.load(xd + t * nb + blk, mask=ok, other=0.0), (1, NB))
+        if Q5:
+            acc += (dw * dx) * isum.to(tl.float32)
+        else:
+            acc += (isum.to(tl.float32) * dw) * dx
+    tl.store(y + t * n_out + rows, tl.sum(acc, axis=1), mask=rows < n_out)
+
+
+def matmul_q5_0(x: torch.Tensor, data: torch.Tensor, q5: bool, n_out: int, n_in: int,
+                out: torch.Tensor, BM: int = 8, NB: int = 16, num_warps: int = 4) -> torch.Tensor:
+    """``x @ W.T`` for a few tokens x (n_tok, n_in) and Q5_0 (``q5``) or Q4_0 rows ``data``
+    (uint8, blocks padded as placement.DEVICE_BLOCKS says); n_in a multiple of 32."""
+    n_tok = x.shape[0]
+    xq, xd = act_buffers(n_tok, n_in, x.device)
+    bk = 128 if n_in % 128 == 0 else 32
+    _quant_act[(n_tok, n_in // bk)](x.contiguous(), xq, xd, n_in, BK=bk, **pdl.LAUNCH)
+    _gemv_q5_0[(triton.cdiv(n_out, BM), n_tok)](data.view(torch.int32), xq.view(torch.int32), xd, out,
+                                                 n_out, n_in, BM=BM, NB=NB, Q5=q5, num_warps=num_warps,
+                                                 **pdl.LAUNCH)
+    return out

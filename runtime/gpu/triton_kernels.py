@@ -88,8 +88,8 @@ def _deq(w, row_off, k, tab, TYPE: tl.constexpr):
     elif TYPE == Q8_0:
         base = row_off + (k // 32) * 34
         v = _f16(w, base) * _i8(w, base + 2 + k % 32).to(tl.float32)
-    elif TYPE == Q4_0:
-        base = row_off + (k // 32) * 18
+    elif TYPE == Q4_0:   # blocks padded in front to 20 bytes on the device (placement.DEVICE_BLOCKS)
+        base = row_off + (k // 32) * 20 + 2
         l = k % 32
         v = _f16(w, base) * (_nib(w, base + 2 + l % 16, l // 16) - 8).to(tl.float32)
     elif TYPE == IQ4_NL:
@@ -101,8 +101,8 @@ def _deq(w, row_off, k, tab, TYPE: tl.constexpr):
         base = row_off + (k // 32) * 20
         l = k % 32
         v = _f16(w, base) * _nib(w, base + 4 + l % 16, l // 16).to(tl.float32) + _f16(w, base + 2)
-    elif TYPE == Q5_0:
-        base = row_off + (k // 32) * 22
+    elif TYPE == Q5_0:   # blocks padded in front to 24 bytes on the device
+        base = row_off + (k // 32) * 24 + 2
         l = k % 32
         h = (_u8(w, base + 2 + l // 8) >> (l % 8)) & 1
         q = _nib(w, base + 6 + l % 16, l // 16) | (h << 4)
