@@ -174,13 +174,14 @@ def device_bytes(info) -> int:
     return n // pad[0] * pad[1] if pad else n
 
 
-def _layer_weight_bytes(gguf, n_layer: int) -> list[int]:
+def _layer_weight_bytes(gguf, n_layer: int, on_device: bool) -> list[int]:
+    """Each layer's weight bytes on the device, or as in the file (what the CPU maps)."""
     sizes = [0] * n_layer
     for name, info in gguf.tensors.items():
         if name.startswith("blk."):
             i = int(name.split(".")[1])
             if 0 <= i < n_layer:
-                sizes[i] += device_bytes(info)
+                sizes[i] += device_bytes(info) if on_device else int(info.nbytes)
     return sizes
 
 
@@ -190,12 +191,13 @@ def make_plan(gguf, config: ModelConfig, n_ctx: int, gpu_layers: int | str,
     """The plan for ``gpu_layers`` (a count, 'all' or 'auto'); 'auto' needs device_free.
     ``kv_bytes``: bytes of a key and of a value element (4 float32, 2 float16)."""
     c = config
-    per_layer = _layer_weight_bytes(gguf, c.n_layer)
+    per_layer = {on: _layer_weight_bytes(gguf, c.n_layer, on) for on in (True, False)}
     t = gguf.tensors
     embd = int(t["token_embd.weight"].nbytes)
     tied = "output.weight" not in t
     norm = int(t["output_norm.weight"].nbytes)
-    head = norm + (device_bytes(t["token_embd.weight"]) if tied else device_bytes(t["output.weight"]))
+    head_w = t["token_embd.weight"] if tied else t["output.weight"]
+    head = norm + device_bytes(head_w)
     kb, vb = kv_bytes
     cell = c.n_head_kv * (c.head_dim * kb + c.head_dim_v * vb)
     names = {4: "float32", 2: "float16"}
@@ -214,7 +216,7 @@ def make_plan(gguf, config: ModelConfig, n_ctx: int, gpu_layers: int | str,
             gpu = i >= first and n_gpu > 0
             swa = c.is_swa(i)
             cells = swa_cells if (swa and gpu) else n_ctx   # the CPU cache holds every position
-            layers.append(LayerPlan(i, per_layer[i], swa, cells, cells * cell, "gpu" if gpu else "cpu"))
+            layers.append(LayerPlan(i, per_layer[gpu][i], swa, cells, cells * cell, "gpu" if gpu else "cpu"))
         n_swa = sum(c.is_swa(i) for i in range(c.n_layer))
         formula = [f"{c.n_layer - n_swa} full layers x {n_ctx} cells x {c.n_head_kv} kv heads x {per_cell}"]
         if n_swa:
@@ -222,7 +224,7 @@ def make_plan(gguf, config: ModelConfig, n_ctx: int, gpu_layers: int | str,
                            f"= {swa_cells} cells on the GPU ({n_ctx} on the CPU) x {c.n_head_kv} x {per_cell}")
         head_gpu = n_gpu > c.n_layer
         # a tied head on the CPU reads token_embd itself; on the GPU it is a copy
-        head_bytes = head if head_gpu or not tied else norm
+        head_bytes = head if head_gpu else norm + int(head_w.nbytes) if not tied else norm
         return Plan(c.n_layer, n_ctx, n_gpu, layers, embd, head_bytes, head_gpu, scratch, margin,
                     device_free, formula, kv_types)
 

@@ -358,6 +358,10 @@ def test_plan_counts_layers_as_llama_cpp(q4km):
         assert any(t.ggml_type == T.Q6_K for t in g.tensors.values())
         head = int(g.tensors["output_norm.weight"].nbytes) + dev(g.tensors["token_embd.weight"])
         assert p.gpu_weights == weights + head                  # tied head: a copy of token_embd
+        # layers left on the CPU are counted as the file holds them (no device padding)
+        cpu_only = placement.make_plan(g, c, 128, 0)
+        assert sum(L.weights for L in cpu_only.layers) == sum(
+            int(t.nbytes) for name, t in g.tensors.items() if name.startswith("blk.")) < weights
         # -ctk f16 -ctv f32: keys 2 bytes an element, values 4
         mixed = placement.make_plan(g, c, 128, "all", kv_bytes=(2, 4))
         assert mixed.gpu_kv == sum((ring if s else 128) * c.n_head_kv * (c.head_dim * 2 + c.head_dim_v * 4)
