@@ -35,7 +35,10 @@ def rms_norm(x: np.ndarray, weight: np.ndarray | None, eps: float) -> np.ndarray
 
 
 def silu(x: np.ndarray) -> np.ndarray:
-    return x / (F32(1.0) + np.exp(-x))
+    """x / (1 + exp(-x)) in float64, rounded once (the GPU's exp then gives the same
+    float32; float32 exp differs between libraries in the last bit)."""
+    x64 = x.astype(np.float64)
+    return (x64 / (1.0 + np.exp(-x64))).astype(F32)
 
 
 def _gelu_fp16(xf: np.ndarray) -> np.ndarray:

@@ -38,6 +38,9 @@ TYPES = [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.IQ4_NL,
          T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_XS]
 
 
+EXACT_DECODE = (T.Q8_0, T.Q4_0, T.Q5_0, T.Q4_K, T.Q5_K, T.Q6_K)
+
+
 def _weight(t, n_out, n_in, rng):
     w = rng.standard_normal((n_out, n_in)).astype(np.float32)
     w[0, :7] *= 30.0                                   # an outlier-heavy row
@@ -63,9 +66,28 @@ def test_matmul_equals_cpu_kernels(t):
         got = ops.matmul(torch.from_numpy(x).to(DEVICE), gw).cpu().numpy()
         err = np.abs(got - ref).max() / np.abs(ref).max()
         assert err < bound, f"{t.name} n={n}: {err:.3g}"
+        if t in EXACT_DECODE and n <= ops.DECODE_MAX_TOKENS:
+            # integer block sums, each block's float32 step as the CPU's, summed in float64
+            # on both sides: the same float32 results whatever the order of the blocks
+            assert np.array_equal(got, ref), f"{t.name} n={n}: {np.sum(got != ref)} differ"
     ids = np.array([5, 0, 39, 5])
     rows = ops.get_rows(gw, torch.from_numpy(ids).to(DEVICE)).cpu().numpy()
     assert np.array_equal(rows, cpu_get_rows(qw, ids))
+
+
+@pytest.mark.parametrize("t", EXACT_DECODE, ids=lambda t: t.name)
+def test_decode_products_equal_the_cpu_bit_for_bit(t):
+    """Rows of 64 blocks (8 super-blocks): the CPU sums a row's blocks in order, the device
+    in lanes and a tree; both add each block's float32 step in float64 and round once, so
+    the float32 results are the same."""
+    rng = np.random.default_rng(100 + int(t))
+    qw = _weight(t, 64, 2048, rng)
+    gw = ops.GWeight.upload(qw, DEVICE)
+    for n in (1, 3):
+        x = rng.standard_normal((n, 2048)).astype(np.float32)
+        got = ops.matmul(torch.from_numpy(x).to(DEVICE), gw).cpu().numpy()
+        ref = cpu_matmul(x, qw)
+        assert np.array_equal(got, ref), f"{t.name} n={n}: {np.sum(got != ref)} of {got.size} differ"
 
 
 def test_q8_0_planes_and_byte_path_agree():
@@ -232,6 +254,32 @@ def test_offloaded_layers_follow_the_cpu_backend(q4km, arch, where):
     err = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
     assert err < 2e-2, err
     assert tokens == ref_tokens
+
+
+@pytest.mark.parametrize("arch,where", [
+    ("llama3", "half"), ("gemma3", "half"),
+    pytest.param("gemma3", "all", marks=pytest.mark.slow),
+    pytest.param("llama3", "all", marks=pytest.mark.slow),
+    pytest.param("qwen2", "all", marks=pytest.mark.slow)])
+def test_device_layers_equal_the_cpu_bit_for_bit(q4km, arch, where):
+    """Prompts of up to DECODE_MAX_TOKENS and decode steps: the device's products (integer
+    block sums, float32 block steps summed in float64) and attention (float64, rounded
+    once) give the CPU backend's float32 results exactly, though both sum in other orders;
+    so logits are equal, not close, and greedy continuations cannot part at near-ties."""
+    path = q4km(arch)
+    with load(path) as m:
+        ids = m.tokenize(PROMPT)[:ops.DECODE_MAX_TOKENS]
+        ref = m.eval(ids)
+        ref_tokens = list(m.generate_tokens(ids, max_tokens=4, settings=GREEDY))
+        ref_next = m.model.forward(np.asarray(ref_tokens[-1:]), m.cache)
+        n_layer = m.model.config.n_layer
+    with load(path, gpu_layers=n_layer // 2 if where == "half" else "all", device=DEVICE) as m:
+        got = m.eval(ids)
+        tokens = list(m.generate_tokens(ids, max_tokens=4, settings=GREEDY))
+        got_next = m.model.forward(np.asarray(tokens[-1:]), m.cache)
+    assert np.array_equal(got, ref), f"{np.sum(got != ref)} of {got.size} prompt logits differ"
+    assert tokens == ref_tokens
+    assert np.array_equal(got_next, ref_next), f"{np.sum(got_next != ref_next)} logits differ"
 
 
 def test_prompt_products_of_cpu_layers_run_on_the_device(q4km, monkeypatch):

@@ -10,8 +10,11 @@ microseconds, which for a small model cost more than its weights take to stream.
   softmax leaves a running max, sum and weighted sum of values per split.
 * ``_attn_combine``: program (query head): the splits rescaled to one max and summed.
 
-Float32 throughout, like the CPU backend; only the summation order differs. From an F16
-key cache the queries are rounded to F16 as the CPU does. (An F16 value cache goes through
+Float64 from the float32 queries, keys and values (exact products, float64 exp), rounded
+to float32 once, as the CPU backend's attention of a few tokens (kernels/elementwise.attend):
+the summation orders differ, the float32 results do not (but for a float64 result within
+2^-29 of a float32 rounding boundary). From an F16 key cache the queries are rounded to
+F16 as the CPU does. (An F16 value cache goes through
 torch's attention instead: the CPU rounds the normalized softmax weights to F16, which a
 one-pass online softmax does not have.)
 """
@@ -44,9 +47,10 @@ def _attn_split(q, kc, vc, pc, qpos_p, pm, pl, pacc, scale, window, m, n_head_kv
                  mask=(gi[:, None] < g) & (di[None, :] < D), other=0.0)          # (G, DP)
     if K_F16:   # an F16 key cache: the queries rounded to F16, as the CPU backend does
         qt = qt.to(tl.float16).to(tl.float32)
-    m_i = tl.full((G,), _FLOOR, tl.float32)
-    l_i = tl.zeros((G,), tl.float32)
-    acc = tl.zeros((G, DVP), tl.float32)
+    qt = qt.to(tl.float64)
+    m_i = tl.full((G,), _FLOOR, tl.float64)
+    l_i = tl.zeros((G,), tl.float64)
+    acc = tl.zeros((G, DVP), tl.float64)
     lo = s * CPS
     hi = tl.minimum(lo + CPS, m)
     for c0 in range(0, CPS, BN):
@@ -54,7 +58,7 @@ def _attn_split(q, kc, vc, pc, qpos_p, pm, pl, pacc, scale, window, m, n_head_kv
         valid = cells < hi
         cl = cells.to(tl.int64)
         kt = tl.load(kc + (cl * n_head_kv + h)[:, None] * D + di[None, :],
-                     mask=valid[:, None] & (di[None, :] < D), other=0.0).to(tl.float32)  # (BN, DP)
+                     mask=valid[:, None] & (di[None, :] < D), other=0.0).to(tl.float64)  # (BN, DP)
         cp = tl.load(pc + cl, mask=valid, other=-1)
         ok = valid & (cp >= 0) & (cp <= qpos) & ((window == 0) | (qpos - cp < window))
         sc = tl.sum(qt[:, None, :] * kt[None, :, :], axis=2) * scale            # (G, BN)
@@ -63,7 +67,7 @@ def _attn_split(q, kc, vc, pc, qpos_p, pm, pl, pacc, scale, window, m, n_head_kv
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(sc - m_new[:, None])
         vt = tl.load(vc + (cl * n_head_kv + h)[:, None] * DV + ei[None, :],
-                     mask=valid[:, None] & (ei[None, :] < DV), other=0.0).to(tl.float32)  # (BN, DVP)
+                     mask=valid[:, None] & (ei[None, :] < DV), other=0.0).to(tl.float64)  # (BN, DVP)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vt[None, :, :], axis=1)
         m_i = m_new
@@ -88,7 +92,7 @@ def _attn_combine(pm, pl, pacc, out, xq, xd, n_split, g, DV: tl.constexpr, G: tl
     ls = tl.load(pl + base, mask=sm, other=0.0)
     accs = tl.load(pacc + base[:, None] * DVP + ei[None, :], mask=sm[:, None], other=0.0)
     w = tl.exp(ms - tl.max(ms, axis=0))
-    o = tl.sum(accs * w[:, None], axis=0) / tl.sum(ls * w, axis=0)
+    o = (tl.sum(accs * w[:, None], axis=0) / tl.sum(ls * w, axis=0)).to(tl.float32)
     if QUANT:   # the output projection's input, rounded to Q8_0 (DV a multiple of 32)
         q, d = _round_q8_0(tl.reshape(o, (1, DVP)), 1, DVP)
         tl.store(xq + hq * DV + ei, tl.reshape(q, (DVP,)).to(tl.int8), mask=ei < DV)
@@ -118,17 +122,17 @@ def decode_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, pc: to
     per = triton.cdiv(triton.cdiv(m, n_split), bn) * bn
     n_split = triton.cdiv(m, per)
     dev = q.device
-    pm = torch.empty((n_head_kv, n_split, G), dtype=torch.float32, device=dev)
+    pm = torch.empty((n_head_kv, n_split, G), dtype=torch.float64, device=dev)
     pl = torch.empty_like(pm)
-    pacc = torch.empty((n_head_kv, n_split, G, DVP), dtype=torch.float32, device=dev)
+    pacc = torch.empty((n_head_kv, n_split, G, DVP), dtype=torch.float64, device=dev)
     _attn_split[(n_head_kv, n_split)](q.contiguous(), kc, vc, pc, qpos, pm, pl, pacc, float(scale),
                                       int(window), m, n_head_kv, g, CPS=per, D=d, DV=dv, G=G,
                                       DP=DP, DVP=DVP, BN=bn, K_F16=kc.dtype == torch.float16,
-                                      num_warps=WARPS, **pdl.LAUNCH)
+                                      num_warps=WARPS, enable_fp_fusion=False, **pdl.LAUNCH)
     out = torch.empty((1, n_head * dv), dtype=torch.float32, device=dev)
     xq = torch.empty((1, n_head * dv), dtype=torch.int8, device=dev) if quant else out
     xd = torch.empty((1, n_head * dv // 32), dtype=torch.float32, device=dev) if quant else out
     _attn_combine[(n_head,)](pm, pl, pacc, out, xq, xd, n_split, g, DV=dv, G=G, DVP=DVP,
                              SP=max(2, triton.next_power_of_2(n_split)), QUANT=quant, num_warps=1,
-                             **pdl.LAUNCH)
+                             enable_fp_fusion=False, **pdl.LAUNCH)
     return (xq, xd) if quant else out

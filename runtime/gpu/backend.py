@@ -27,7 +27,7 @@ import torch
 from ggforge.runtime.gpu import fused_kernels as FK
 from ggforge.runtime.gpu import ops
 from ggforge.runtime.gpu.attn_kernels import decode_attention
-from ggforge.runtime.layers import gelu_table, rope_cache
+from ggforge.runtime.layers import ATTEND_MAX_TOKENS, gelu_table, rope_cache
 
 UBATCH = 512          # prompt tokens per pass (bounds attention scratch and the SWA ring)
 ATTN_BUCKET = 256     # decode graphs per multiple of this many cells of attention
@@ -40,7 +40,8 @@ def _rms_norm(x: torch.Tensor, w: torch.Tensor | None, eps: float) -> torch.Tens
 
 
 def _attention(q, keys, values, kv_pos, q_pos, scale: float, window: int) -> torch.Tensor:
-    """Prompt attention. From an F16 cache, as the CPU backend (runtime.layers.attention):
+    """Prompt attention, as the CPU backend (runtime.layers.attention): up to
+    ATTEND_MAX_TOKENS queries in float64 (rounded once), more in float32. From an F16 cache
     the queries rounded to F16 before K.q, the softmax weights before the product with V."""
     if keys.dtype == torch.float16:
         q, keys = q.half().float(), keys.float()
@@ -54,6 +55,12 @@ def _attention(q, keys, values, kv_pos, q_pos, scale: float, window: int) -> tor
         masked |= (q_pos[:, None] - kv_pos[None, :]) >= window
     qh = q.reshape(n, n_head_kv, g, -1).permute(1, 2, 0, 3)          # (kv_h, g, n, d)
     kh = keys.permute(1, 2, 0)[:, None]                               # (kv_h, 1, d, n_kv)
+    if not v_f16 and n <= ATTEND_MAX_TOKENS:   # the CPU's attention of a few tokens: float64
+        s = torch.matmul(qh.double(), kh.double()) * float(np.float32(scale))
+        s = s.masked_fill(masked, float("-inf"))
+        e = torch.exp(s - s.amax(-1, keepdim=True))
+        out = torch.matmul(e, values.double().permute(1, 0, 2)[:, None]) / e.sum(-1, keepdim=True)
+        return out.float().permute(2, 0, 1, 3).reshape(n, n_head * dv)
     scores = torch.matmul(qh, kh) * scale
     scores = scores.masked_fill(masked, float("-inf"))
     scores = scores - scores.amax(-1, keepdim=True)

@@ -104,7 +104,8 @@ def _act(gu, table, xq, xd, n_ff, GELU: tl.constexpr, QUANT: tl.constexpr, BK: t
         y = tl.where(g <= -10.0, 0.0, y)
         a = tl.where(g >= 10.0, g, y)
     else:
-        a = g / (1.0 + tl.exp(-g))
+        g64 = g.to(tl.float64)   # as the CPU (layers.silu): float64, rounded once
+        a = (g64 / (1.0 + tl.exp(-g64))).to(tl.float32)
     v = a * u
     if QUANT:
         q, d = _round_q8_0(v, 1, BK)

@@ -75,7 +75,7 @@ def _gemv_q4k(w, xw, xd, xs, y, n_out, n_in: tl.constexpr, BM: tl.constexpr, NS:
     sb = tl.arange(0, NS)[None, :, None]                                                # (1, NS, 1)
     kw = tl.arange(0, 32)[None, None, :]                                                # nibble words
     j = tl.arange(0, 8)[None, None, :]                                                  # sub-blocks
-    acc = tl.zeros((BM, NS), tl.float32)
+    acc = tl.zeros((BM, NS), tl.float64)
     for s0 in range(0, nsb, NS):
         blk = s0 + sb                                                                   # (1, NS, 1)
         ok = blk < nsb
@@ -115,9 +115,9 @@ def _gemv_q4k(w, xw, xd, xs, y, n_out, n_in: tl.constexpr, BM: tl.constexpr, NS:
         d = (dw & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
         dmin = ((dw >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
         dx = tl.load(xd + t * nsb + blk, mask=ok, other=0.0)
-        acc += tl.reshape(d * dx, (BM, NS)) * S.to(tl.float32) \
-            - tl.reshape(dmin * dx, (BM, NS)) * Mi.to(tl.float32)
-    tl.store(y + t * n_out + rows, tl.sum(acc, axis=1), mask=rows < n_out)
+        acc += (tl.reshape(d * dx, (BM, NS)) * S.to(tl.float32)
+                - tl.reshape(dmin * dx, (BM, NS)) * Mi.to(tl.float32)).to(tl.float64)
+    tl.store(y + t * n_out + rows, tl.sum(acc, axis=1).to(tl.float32), mask=rows < n_out)
 
 
 @triton.jit
@@ -141,7 +141,7 @@ def _gemv_q6k(w, xw, xd, xs, y, n_out, n_in: tl.constexpr, BM: tl.constexpr, NS:
     gi = tl.arange(0, 8)[None, None, :]            # groups of 4 ql words: sub-blocks
     s_lo = gi + 4 * (gi // 4)                      # 8h + 2 c_lo + l / 16, with gi = 4h + 2c_lo + l4 / 4
     s_hi = s_lo + 4
-    acc = tl.zeros((BM, NS), tl.float32)
+    acc = tl.zeros((BM, NS), tl.float64)
     for s0 in range(0, nsb, NS):
         blk = s0 + sb
         ok = blk < nsb
@@ -168,8 +168,8 @@ def _gemv_q6k(w, xw, xd, xs, y, n_out, n_in: tl.constexpr, BM: tl.constexpr, NS:
         dw = tl.load(w + base + 52, mask=ok, other=0)
         d = (dw & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
         dx = tl.load(xd + t * nsb + blk, mask=ok, other=0.0)
-        acc += tl.reshape(d * dx, (BM, NS)) * S.to(tl.float32)
-    tl.store(y + t * n_out + rows, tl.sum(acc, axis=1), mask=rows < n_out)
+        acc += (tl.reshape(d * dx, (BM, NS)) * S.to(tl.float32)).to(tl.float64)
+    tl.store(y + t * n_out + rows, tl.sum(acc, axis=1).to(tl.float32), mask=rows < n_out)
 
 
 @triton.jit
@@ -190,11 +190,13 @@ def matmul_k(x: torch.Tensor, data: torch.Tensor, kind: str, n_out: int, n_in: i
     xq = torch.empty((n_tok, n_in), dtype=torch.int8, device=dev)
     xd = torch.empty((n_tok, n_in // 256), dtype=torch.float32, device=dev)
     xs = torch.empty((n_tok, n_in // 16), dtype=torch.int32, device=dev)
-    _quant_q8k[(n_tok, n_in // 256)](x, xq, xd, xs, n_in, num_warps=4, **pdl.LAUNCH)
+    _quant_q8k[(n_tok, n_in // 256)](x, xq, xd, xs, n_in, num_warps=4, enable_fp_fusion=False,
+                                      **pdl.LAUNCH)
     args = (data.view(torch.int32), xq.view(torch.int32), xd, xs, out, n_out, n_in)
     grid = (triton.cdiv(n_out, BM), n_tok)
     if kind == "q6_K":
-        _gemv_q6k[grid](*args, BM=BM, NS=NS, num_warps=num_warps, **pdl.LAUNCH)
+        _gemv_q6k[grid](*args, BM=BM, NS=NS, num_warps=num_warps, enable_fp_fusion=False, **pdl.LAUNCH)
     else:
-        _gemv_q4k[grid](*args, BM=BM, NS=NS, Q5=kind == "q5_K", num_warps=num_warps, **pdl.LAUNCH)
+        _gemv_q4k[grid](*args, BM=BM, NS=NS, Q5=kind == "q5_K", num_warps=num_warps,
+                        enable_fp_fusion=False, **pdl.LAUNCH)
     return out

@@ -134,13 +134,14 @@ def matmul(x: torch.Tensor, w: GWeight, out: torch.Tensor | None = None) -> torc
         bk = 512 if w.n_in % 512 == 0 and 512 % w.bk == 0 else w.bk
         grid = (triton.cdiv(w.n_out, bm), n_tok)
         K._gemv[grid](w.data, x, out, tab, w.n_out, w.n_in, w.row_stride,
-                      TYPE=w.ggml_type, ACT=w.act, BM=bm, BK=bk, num_warps=nw, **pdl.LAUNCH)
+                      TYPE=w.ggml_type, ACT=w.act, BM=bm, BK=bk, num_warps=nw, enable_fp_fusion=False,
+                      **pdl.LAUNCH)
     else:
         bt, bm = (64, 128) if INTERPRET else (32, 32)
         bk = min(w.bk, 128) if w.act != ACT["q8_K"] else 256
         grid = (triton.cdiv(w.n_out, bm), triton.cdiv(n_tok, bt))
         K._gemm[grid](w.data, x, out, tab, n_tok, w.n_out, w.n_in, w.row_stride,
-                      TYPE=w.ggml_type, ACT=w.act, BT=bt, BM=bm, BK=bk, num_warps=4)
+                      TYPE=w.ggml_type, ACT=w.act, BT=bt, BM=bm, BK=bk, num_warps=4, enable_fp_fusion=False)
     return out
 
 
@@ -177,7 +178,8 @@ def _matmul_q8_0(x: torch.Tensor, w: GWeight, out: torch.Tensor) -> torch.Tensor
     """Round the activations to Q8_0 once, then integer block sums against the planes."""
     n_tok = x.shape[0]
     xq, xd = Q8.act_buffers(n_tok, w.n_in, x.device)
-    Q8._quant_act[(n_tok, w.n_in // 128)](x, xq, xd, w.n_in, BK=128, **pdl.LAUNCH)
+    Q8._quant_act[(n_tok, w.n_in // 128)](x, xq, xd, w.n_in, BK=128, enable_fp_fusion=False,
+                                          **pdl.LAUNCH)
     return matmul_q8(xq, xd, w, out)
 
 
@@ -192,11 +194,12 @@ def matmul_q8(xq: torch.Tensor, xd: torch.Tensor, w: GWeight,
     if n_tok <= DECODE_MAX_TOKENS:
         cfg = dict(BM=128, BK=256, num_warps=4) if INTERPRET else q8_gemv_tiles(w.n_out, w.n_in)
         Q8._gemv[(triton.cdiv(w.n_out, cfg["BM"]), n_tok)](
-            q.view(torch.int32), d, xq.view(torch.int32), xd, out, w.n_out, w.n_in, **cfg, **pdl.LAUNCH)
+            q.view(torch.int32), d, xq.view(torch.int32), xd, out, w.n_out, w.n_in, **cfg,
+            enable_fp_fusion=False, **pdl.LAUNCH)
         return out
     cfg = dict(BT=64, BM=128, BK=128, num_warps=4) if INTERPRET else Q8_GEMM
     grid = (triton.cdiv(w.n_out, cfg["BM"]), triton.cdiv(n_tok, cfg["BT"]))
-    Q8._gemm[grid](q, d, xq, xd, out, n_tok, w.n_out, w.n_in, **cfg)
+    Q8._gemm[grid](q, d, xq, xd, out, n_tok, w.n_out, w.n_in, **cfg, enable_fp_fusion=False)
     return out
 
 
@@ -216,6 +219,6 @@ def get_rows(w: GWeight, ids: torch.Tensor) -> torch.Tensor:
     bk = w.bk
     grid = (ids.shape[0], triton.cdiv(w.n_in, bk))
     K._dequant_rows[grid](w.data, ids, out, _table(ids.device), w.n_in, w.row_stride,
-                          TYPE=w.ggml_type, BK=bk)
+                          TYPE=w.ggml_type, BK=bk, enable_fp_fusion=False)
     return out
 

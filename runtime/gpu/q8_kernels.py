@@ -6,7 +6,9 @@ quants are contiguous and aligned, so a warp reads them with 16-byte loads.
 
 The activations are rounded to Q8_0 blocks (llama.cpp's vec_dot_type for Q8_0) and each
 block's 32 products are summed exactly in int32, then scaled by d_w * d_x: ggml's
-``vec_dot_q8_0_q8_0`` arithmetic, up to float32 summation order across blocks.
+``vec_dot_q8_0_q8_0`` arithmetic. The decode kernels add the blocks' float32 steps in
+float64 and round once, as the CPU's row kernels (kernels/_rows.py) do, so the results
+are the CPU's bit for bit although the orders differ; the prefill kernel sums in float32.
 
 The activations are rounded once per product (``_quant_act``, or the glue kernel before
 it: fused_kernels.py) into int8 quants and float32 scales; rounding them inside every
@@ -69,7 +71,7 @@ def _gemv(q, d, xw, xd, y, n_out, n_in: tl.constexpr, BM: tl.constexpr, BK: tl.c
     t = tl.program_id(1).to(tl.int64)
     rows = pid * BM + tl.arange(0, BM)
     r = tl.minimum(rows, n_out - 1).to(tl.int64)[:, None]
-    acc = tl.zeros((BM, BK // 32), tl.float32)
+    acc = tl.zeros((BM, BK // 32), tl.float64)
     for k0 in range(0, n_in, BK):
         k4 = k0 // 4 + tl.arange(0, BK // 4)[None, :]
         kb = k0 // 32 + tl.arange(0, BK // 32)
@@ -84,8 +86,8 @@ def _gemv(q, d, xw, xd, y, n_out, n_in: tl.constexpr, BM: tl.constexpr, BK: tl.c
             w4 = tl.load(q + r * (n_in // 4) + k4, mask=k4 < n_in // 4, other=0)
             dw = tl.load(d + r * (n_in // 32) + kb[None, :], mask=kb[None, :] < n_in // 32, other=0.0).to(tl.float32)
         s = tl.sum(tl.reshape(_dp4a(w4, tl.broadcast_to(xv, (BM, BK // 4))), (BM, BK // 32, 8)), axis=2)
-        acc += s.to(tl.float32) * (dw * tl.reshape(xs, (1, BK // 32)))
-    tl.store(y + t * n_out + rows, tl.sum(acc, axis=1), mask=rows < n_out)
+        acc += (s.to(tl.float32) * (dw * tl.reshape(xs, (1, BK // 32)))).to(tl.float64)
+    tl.store(y + t * n_out + rows, tl.sum(acc, axis=1).to(tl.float32), mask=rows < n_out)
 
 
 def act_buffers(n_tok: int, n: int, device) -> tuple:
@@ -161,7 +163,7 @@ def _gemv_q5_0(w, xw, xd, y, n_out, n_in: tl.constexpr, BM: tl.constexpr, NB: tl
     row_w = (tl.minimum(rows, n_out - 1).to(tl.int64) * (nb * WB))[:, None, None]
     bi = tl.arange(0, NB)[None, :, None]
     i4 = tl.arange(0, 4)[None, None, :]
-    acc = tl.zeros((BM, NB), tl.float32)
+    acc = tl.zeros((BM, NB), tl.float64)
     for b0 in range(0, nb, NB):
         blk = b0 + bi                                                        # (1, NB, 1)
         ok = blk < nb
@@ -185,10 +187,10 @@ def _gemv_q5_0(w, xw, xd, y, n_out, n_in: tl.constexpr, BM: tl.constexpr, NB: tl
         dw = tl.reshape(dw.to(tl.float16, bitcast=True).to(tl.float32), (BM, NB))
         dx = tl.reshape(tl.load(xd + t * nb + blk, mask=ok, other=0.0), (1, NB))
         if Q5:
-            acc += (dw * dx) * isum.to(tl.float32)
+            acc += ((dw * dx) * isum.to(tl.float32)).to(tl.float64)
         else:
-            acc += (isum.to(tl.float32) * dw) * dx
-    tl.store(y + t * n_out + rows, tl.sum(acc, axis=1), mask=rows < n_out)
+            acc += ((isum.to(tl.float32) * dw) * dx).to(tl.float64)
+    tl.store(y + t * n_out + rows, tl.sum(acc, axis=1).to(tl.float32), mask=rows < n_out)
 
 
 def matmul_q5_0(x: torch.Tensor, data: torch.Tensor, q5: bool, n_out: int, n_in: int,
@@ -198,8 +200,9 @@ def matmul_q5_0(x: torch.Tensor, data: torch.Tensor, q5: bool, n_out: int, n_in:
     n_tok = x.shape[0]
     xq, xd = act_buffers(n_tok, n_in, x.device)
     bk = 128 if n_in % 128 == 0 else 32
-    _quant_act[(n_tok, n_in // bk)](x.contiguous(), xq, xd, n_in, BK=bk, **pdl.LAUNCH)
+    _quant_act[(n_tok, n_in // bk)](x.contiguous(), xq, xd, n_in, BK=bk, enable_fp_fusion=False,
+                                    **pdl.LAUNCH)
     _gemv_q5_0[(triton.cdiv(n_out, BM), n_tok)](data.view(torch.int32), xq.view(torch.int32), xd, out,
                                                  n_out, n_in, BM=BM, NB=NB, Q5=q5, num_warps=num_warps,
-                                                 **pdl.LAUNCH)
+                                                 enable_fp_fusion=False, **pdl.LAUNCH)
     return out

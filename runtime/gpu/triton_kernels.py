@@ -13,8 +13,9 @@ Activations are first rounded as llama.cpp's CPU backend rounds them for the wei
 ``vec_dot_type`` (runtime/kernels/act_quant.py): Q8_0/Q8_1 blocks of 32 (scale
 fp16(amax/127), multiplier 127/amax, round half to even), Q8_K blocks of 256 (scale
 -max/127 of the first element of largest magnitude), fp16 or bf16 for F16/BF16 weights.
-So the GPU computes the CPU backend's products up to float32 summation order, and its
-logits and greedy continuations follow the CPU backend's.
+So these kernels compute the CPU backend's products up to float32 summation order (the
+integer decode kernels of q8_kernels.py and k4_kernels.py, which decode the common types,
+equal them bit for bit).
 
 The same source runs on a CUDA GPU and, with ``TRITON_INTERPRET=1``, on the CPU (how the
 test suite checks every type without a GPU).

@@ -10,10 +10,12 @@ products of **eight rows** with one to a few tokens' activations, over the whole
 * the eight rows' vectors are summed *together*, transposed (``reduce``: a tree of
   pairwise adds, ``vphaddd``), into one ``<8 x i32>`` whose lane i is row i's block sum;
 * the float part then runs once for eight rows, lane i holding row i: the fp16 scales
-  of the eight rows are gathered into one vector (``vcvtph2ps``), and the accumulator
-  is an ``<8 x float>``. Each lane does exactly the operations of ggml's formula for one
-  row, in its order (no fused multiply-add: the IR carries no fast-math flags), so a
-  row's result does not depend on its lane, its group or the number of tokens.
+  of the eight rows are gathered into one vector (``vcvtph2ps``). Each lane does exactly
+  the operations of ggml's formula for one row's block step, in float32 and in its order
+  (no fused multiply-add: the IR carries no fast-math flags), and adds the step to an
+  ``<8 x double>`` accumulator, rounded to float32 once at the end; so a row's result
+  does not depend on its lane, its group or the number of tokens, and hardly on the
+  order of the blocks (the GPU's kernels sum them in another).
 
 The IR is target independent, except that on x86 with AVX2 the 8-bit multiply-adds and
 the 16-entry table lookups call ``vpmaddubsw`` / ``vpmaddwd`` / ``vpshufb`` directly
@@ -57,6 +59,7 @@ TB = 8    # tokens per call of the prefill kernels (each unpacked block serves T
 ROWS_SIG = types.void(RAW, I8M, F4M, F4M, I4M, F4M, i64, i64)
 
 I8, I16, I32, I64, F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
+F64 = ir.DoubleType()
 
 
 def _host_has_avx2() -> bool:
@@ -127,10 +130,17 @@ class Group:
         data = self.b.bitcast(a.data, elem.as_pointer())
         return self.b.gep(data, [self.b.mul(t, self._shape(a)[1])])
 
+    def accumulate(self, acc, term):
+        """acc (<8 x double>) + term (<8 x float>, a block's float step) in float64: the sum
+        over blocks then hardly depends on its order, so the GPU's kernels, which sum in
+        another order, give the same float32 result (runtime/gpu/NOTES.md, Exactness)."""
+        return self.b.fadd(acc, self.b.fpext(term, vec(F64, ROWS)))
+
     def store(self, acc):
-        """out[current token, row i] = lane i of ``acc`` (<8 x float>)."""
+        """out[current token, row i] = lane i of ``acc`` (<8 x double>), rounded to float32."""
         a = self._array(*self._out)
         op = self.b.gep(a.data, [self.b.mul(self.t, self._shape(a)[1])])
+        acc = self.b.fptrunc(acc, vec(F32, ROWS))
         for i, (ri, _) in enumerate(self.row):
             self.b.store(self.b.extract_element(acc, ir.Constant(I32, i)), self.b.gep(op, [ri]))
 
@@ -277,14 +287,14 @@ def rows_intrinsic(name, block_bytes, unpack, dot, n_tok=1):
     """An intrinsic (packed, r, r_last, xq, xd, aux, out, t, t_last) over blocks of
     ``block_bytes``: per block k at byte offset o (g.block(k)), ``unpack(g, k, o)`` reads
     the eight rows' weights (anything), then for each token ``dot(g, k, o, state, acc)``
-    returns the token's new <8 x float> accumulator."""
+    returns the token's new accumulator (<8 x double>, see Group.accumulate)."""
 
     def typer(typingctx, packed, r, r_last, xq, xd, aux, out, t, t_last):
         sig = types.void(packed, r, r_last, xq, xd, aux, out, t, t_last)
 
         def codegen(context, builder, signature, args):
             g = Group(context, builder, signature, args, block_bytes, n_tok)
-            zero = ir.Constant(vec(F32, ROWS), [0.0] * ROWS)
+            zero = ir.Constant(vec(F64, ROWS), [0.0] * ROWS)
             accs = [cgutils.alloca_once_value(builder, zero) for _ in range(n_tok)]
             with g.blocks() as k:
                 o = g.block(k)

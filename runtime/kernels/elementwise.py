@@ -6,7 +6,7 @@ overhead, together more than the layer's matrix products. These kernels do one p
 each, with the arithmetic of the numpy expressions they replace (layers.py documents it):
 the same float32 operations in the same order, so the same bits — except where noted
 (the float64 sum of squares is sequential, as ggml's, where numpy's is pairwise; the
-attention dot products are float32 sums in another order than BLAS's).
+attention of a few tokens runs in float64, where the BLAS path of long prompts is float32).
 """
 
 from __future__ import annotations
@@ -71,36 +71,55 @@ def rope(x, cos, sin, neox, out):
 @kernel(types.void(F3, F3, F3, P1, f32, i64, types.boolean, F4M), fastmath=FAST)
 def attend(q, k, v, q_pos, scale, window, p_f16, out):
     """Causal grouped-query attention of a few queries over the cache (layers.attention):
-    softmax(q k^T * scale) v over the positions j <= q_pos (and q_pos - j < window).
-    ``p_f16``: the softmax weights are rounded to F16 before the product with V (an F16
-    value cache, as ggml_mul_mat converts them)."""
+    softmax(q k^T * scale) v over the positions j <= q_pos (and q_pos - j < window), in
+    float64 from the float32 inputs and rounded once, so that the GPU's kernels, which
+    sum in other orders, give the same float32 results (runtime/gpu/NOTES.md).
+    ``p_f16``: an F16 value cache, as llama.cpp: float32 scores and softmax weights, the
+    weights rounded to F16 before the product with V (as ggml_mul_mat converts them)."""
     n_head, d = q.shape[1], q.shape[2]
     n_kv, n_head_kv, dv = v.shape
     group = n_head // n_head_kv
+    s = np.empty(n_kv, np.float64)
     p = np.empty(n_kv, np.float32)
+    o64 = np.empty(dv, np.float64)
+    scale64 = np.float64(scale)
     for t in range(q.shape[0]):
         hi = min(n_kv, q_pos[t] + 1)
         lo = max(0, q_pos[t] - window + 1) if window > 0 else 0
         for h in range(n_head):
             hk = h // group
-            top = F(-np.inf)
+            top = -np.inf
             for j in range(lo, hi):
-                acc = F(0)
+                acc = 0.0
                 for i in range(d):
-                    acc += q[t, h, i] * k[j, hk, i]
-                p[j] = acc * scale
-                top = max(top, p[j])
+                    acc += np.float64(q[t, h, i]) * np.float64(k[j, hk, i])
+                s[j] = acc * scale64
+                top = max(top, s[j])
+            o = h * dv
+            if not p_f16:
+                total = 0.0
+                for i in range(dv):
+                    o64[i] = 0.0
+                for j in range(lo, hi):
+                    e = np.exp(s[j] - top)
+                    total += e
+                    for i in range(dv):
+                        o64[i] += e * np.float64(v[j, hk, i])
+                for i in range(dv):
+                    out[t, o + i] = F(o64[i] / total)
+                continue
+            top32 = F(-np.inf)
+            for j in range(lo, hi):
+                p[j] = F(s[j])
+                top32 = max(top32, p[j])
             total = 0.0
             for j in range(lo, hi):
-                p[j] = np.exp(p[j] - top)
+                p[j] = np.exp(p[j] - top32)
                 total += np.float64(p[j])
             norm = F(total)
-            o = h * dv
             for i in range(dv):
                 out[t, o + i] = 0
             for j in range(lo, hi):
-                pj = p[j] / norm
-                if p_f16:
-                    pj = half_value(half_bits(pj))
+                pj = half_value(half_bits(p[j] / norm))
                 for i in range(dv):
                     out[t, o + i] += pj * v[j, hk, i]

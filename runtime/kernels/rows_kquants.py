@@ -111,7 +111,7 @@ def _k4(name, block_bytes, nibble_off, high_bits, n_tok):
         dx = g.fsplat(g.xd(k))
         d, dmin = b.fmul(st[1], dx), b.fmul(st[2], dx)
         step = b.fsub(b.fmul(d, g.float(g.reduce(isums))), b.fmul(dmin, g.float(g.reduce(summs))))
-        return b.fadd(acc, step)
+        return g.accumulate(acc, step)
 
     return rows_intrinsic(name, block_bytes, unpack, dot, n_tok)
 
@@ -161,7 +161,7 @@ def _q2_dot(g, k, o, st, acc):
     dx = g.fsplat(g.xd(k))
     d, dmin = b.fmul(st[1], dx), b.fmul(st[2], dx)
     step = b.fsub(b.fmul(d, g.float(g.reduce(isums))), b.fmul(dmin, g.float(g.reduce(summs))))
-    return b.fadd(acc, step)
+    return g.accumulate(acc, step)
 
 
 def _q3_scales(g, i, o):
@@ -206,7 +206,7 @@ def _offset_dot(offset_shift):
                 tot = b.add(tot, _scaled(g, q, xs[j], sc, [2 * j] * 8 + [2 * j + 1] * 8))
             isums.append(tot)
         d = b.fmul(st[1], g.fsplat(g.xd(k)))
-        return b.fadd(acc, b.fmul(d, g.float(g.reduce(isums))))
+        return g.accumulate(acc, b.fmul(d, g.float(g.reduce(isums))))
 
     return dot
 
@@ -237,7 +237,7 @@ def _iq4_xs_dot(g, k, o, st, acc):
             tot = v if tot is None else b.add(tot, v)
         isums.append(tot)
     d = b.fmul(st[1], g.fsplat(g.xd(k)))
-    return b.fadd(acc, b.fmul(d, g.float(g.reduce(isums))))
+    return g.accumulate(acc, b.fmul(d, g.float(g.reduce(isums))))
 
 
 def _nibbles32(g, i, off):

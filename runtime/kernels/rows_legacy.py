@@ -19,7 +19,7 @@ with the Q8_0 / Q8_1 activation quants and then ggml-cpu/quants.c
     Q5_0    sumf += (d_w * d_x) * sumi                      (IQ4_NL likewise)
     Q4_1    sumf += (d_w * d_x) * sumi + m_w * s_x          (Q5_1 likewise)
 
-summed over blocks in order (one float32 accumulator per row and token).
+each step in float32, summed over blocks in float64 and rounded once (_rows.py).
 """
 
 from __future__ import annotations
@@ -94,22 +94,22 @@ def _d_times_dx(g, k, st):
 
 
 def _step_q8_0(g, k, st, acc, s):
-    return g.b.fadd(acc, g.b.fmul(s, _d_times_dx(g, k, st)))
+    return g.accumulate(acc, g.b.fmul(s, _d_times_dx(g, k, st)))
 
 
 def _step_q4_0(g, k, st, acc, s):
     b = g.b
-    return b.fadd(acc, b.fmul(b.fmul(s, st[1]), g.fsplat(g.xd(k))))
+    return g.accumulate(acc, b.fmul(b.fmul(s, st[1]), g.fsplat(g.xd(k))))
 
 
 def _step_q5_0(g, k, st, acc, s):
-    return g.b.fadd(acc, g.b.fmul(_d_times_dx(g, k, st), s))
+    return g.accumulate(acc, g.b.fmul(_d_times_dx(g, k, st), s))
 
 
 def _step_q8_1(g, k, st, acc, s):
     b = g.b
     m = b.fmul(st[2], g.fsplat(g.aux(k)))
-    return b.fadd(acc, b.fadd(b.fmul(_d_times_dx(g, k, st), s), m))
+    return g.accumulate(acc, b.fadd(b.fmul(_d_times_dx(g, k, st), s), m))
 
 
 def _q5(g, i, o, head):
