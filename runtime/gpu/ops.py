@@ -36,7 +36,11 @@ from ggforge.runtime.gpu import triton_kernels as K  # noqa: E402
 
 ACT = K.ACT_CODES
 FLOATS = {int(T.F32): torch.float32, int(T.F16): torch.float16, int(T.BF16): torch.bfloat16}
-DECODE_MAX_TOKENS = 8      # up to this many tokens the matrix-vector kernel runs
+# up to this many tokens the matrix-vector kernels run: their integer decode kernels equal
+# the CPU's products bit for bit, as the attention of up to layers.ATTEND_MAX_TOKENS (16)
+# queries does, so a prompt of up to 16 tokens gives the CPU's logits (longer prompts take
+# the GEMM kernels, which sum in float32)
+DECODE_MAX_TOKENS = 16
 _K_WORDS = {int(T.Q4_K): "q4_K", int(T.Q5_K): "q5_K", int(T.Q6_K): "q6_K"}   # k4_kernels
 _BLOCK32_WORDS = (int(T.Q4_0), int(T.Q5_0))   # q8_kernels._gemv_q5_0
 # Triton's interpreter pays per program: give it few, large tiles
