@@ -26,10 +26,8 @@ import triton
 import triton.language as tl
 
 from ggforge.runtime.gpu import pdl
-from ggforge.runtime.gpu.q8_kernels import _dp4a
+from ggforge.runtime.gpu.q8_kernels import M4, _dp4a
 from ggforge.runtime.gpu.triton_kernels import _round_q8_k
-
-M4 = tl.constexpr(0x0F0F0F0F)
 
 
 @triton.jit

@@ -180,11 +180,7 @@ def _tile_file() -> dict:
 
 def _matmul_q8_0(x: torch.Tensor, w: GWeight, out: torch.Tensor) -> torch.Tensor:
     """Round the activations to Q8_0 once, then integer block sums against the planes."""
-    n_tok = x.shape[0]
-    xq, xd = Q8.act_buffers(n_tok, w.n_in, x.device)
-    Q8._quant_act[(n_tok, w.n_in // 128)](x, xq, xd, w.n_in, BK=128, enable_fp_fusion=False,
-                                          **pdl.LAUNCH)
-    return matmul_q8(xq, xd, w, out)
+    return matmul_q8(*Q8.quant_act(x), w, out)
 
 
 def matmul_q8(xq: torch.Tensor, xd: torch.Tensor, w: GWeight,

@@ -96,6 +96,15 @@ def act_buffers(n_tok: int, n: int, device) -> tuple:
             torch.empty((n_tok, n // 32), dtype=torch.float32, device=device))
 
 
+def quant_act(x: torch.Tensor) -> tuple:
+    """x (n_tok, n) float32 rounded to Q8_0 blocks: (quants int8, scales float32)."""
+    n_tok, n = x.shape
+    xq, xd = act_buffers(n_tok, n, x.device)
+    bk = 128 if n % 128 == 0 else 32
+    _quant_act[(n_tok, n // bk)](x.contiguous(), xq, xd, n, BK=bk, enable_fp_fusion=False, **pdl.LAUNCH)
+    return xq, xd
+
+
 @triton.jit
 def _quant_act(x, xq, xd, n_in, BK: tl.constexpr):
     """Round activation rows to Q8_0: xq int8 (n_tok, n_in), xd float32 (n_tok, n_in/32).
@@ -135,7 +144,7 @@ def _gemm(q, d, xq, xd, y, n_tok, n_out, n_in: tl.constexpr, BT: tl.constexpr,
     tl.store(out, acc, mask=(toks[:, None] < n_tok) & (rows[None, :] < n_out))
 
 
-M4 = tl.constexpr(0x0F0F0F0F)
+M4 = tl.constexpr(0x0F0F0F0F)      # the low nibble of each byte of a word
 ONES = tl.constexpr(0x01010101)
 
 
@@ -198,10 +207,7 @@ def matmul_q5_0(x: torch.Tensor, data: torch.Tensor, q5: bool, n_out: int, n_in:
     """``x @ W.T`` for a few tokens x (n_tok, n_in) and Q5_0 (``q5``) or Q4_0 rows ``data``
     (uint8, blocks padded as placement.DEVICE_BLOCKS says); n_in a multiple of 32."""
     n_tok = x.shape[0]
-    xq, xd = act_buffers(n_tok, n_in, x.device)
-    bk = 128 if n_in % 128 == 0 else 32
-    _quant_act[(n_tok, n_in // bk)](x.contiguous(), xq, xd, n_in, BK=bk, enable_fp_fusion=False,
-                                    **pdl.LAUNCH)
+    xq, xd = quant_act(x)
     _gemv_q5_0[(triton.cdiv(n_out, BM), n_tok)](data.view(torch.int32), xq.view(torch.int32), xd, out,
                                                  n_out, n_in, BM=BM, NB=NB, Q5=q5, num_warps=num_warps,
                                                  enable_fp_fusion=False, **pdl.LAUNCH)
