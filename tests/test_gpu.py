@@ -121,6 +121,11 @@ def test_q8_0_decode_tiles_by_shape(tmp_path, monkeypatch):
     try:
         assert ops.q8_gemv_tiles(2048, 5632) == {"BM": 2, "BK": 1024, "num_warps": 2}
         assert ops.q8_gemv_tiles(4096, 11008)["BK"] == 2048
+        for bad in ('{"2048x5632": {"BM": 2}}', "not json", "[1]"):
+            f.write_text(bad)
+            ops._tile_file.cache_clear()
+            with pytest.raises(ValueError, match="GGFORGE_Q8_TILES=.*tiles.json"):
+                ops.q8_gemv_tiles(2048, 5632)
     finally:
         ops._tile_file.cache_clear()
 

@@ -175,7 +175,16 @@ def q8_gemv_tiles(n_out: int, n_in: int) -> dict:
 @functools.cache
 def _tile_file() -> dict:
     path = os.environ.get("GGFORGE_Q8_TILES")
-    return json.loads(Path(path).read_text()) if path else {}
+    if not path:
+        return {}
+    try:
+        tiles = json.loads(Path(path).read_text())
+        if not all(isinstance(v, dict) and sorted(v) == ["BK", "BM", "num_warps"]
+                   and all(type(n) is int and n > 0 for n in v.values()) for v in tiles.values()):
+            raise ValueError('each shape needs {"BM": int, "BK": int, "num_warps": int}')
+    except (OSError, ValueError, AttributeError) as e:
+        raise ValueError(f"GGFORGE_Q8_TILES={path}: not a tile file of q8_sweep.py ({e})") from None
+    return tiles
 
 
 def _matmul_q8_0(x: torch.Tensor, w: GWeight, out: torch.Tensor) -> torch.Tensor:
