@@ -143,11 +143,16 @@ def test_grouped_weights_are_one_launch_and_equal():
     assert np.abs(got - ref).max() / np.abs(ref).max() < 2e-6
 
 
+@pytest.mark.parametrize("dot", [True, False])
 @pytest.mark.parametrize("n_head,n_head_kv,d,window", [(8, 2, 16, 0), (4, 1, 64, 5), (3, 3, 24, 0)])
-def test_decode_attention_kernel_equals_torch_attention(n_head, n_head_kv, d, window):
-    """The two-launch decode attention (splits + combine) equals the torch version on a
-    ring with empty cells, future positions and a sliding window."""
-    from ggforge.runtime.gpu.attn_kernels import decode_attention
+def test_decode_attention_kernel_equals_float64_attention(n_head, n_head_kv, d, window, dot, monkeypatch):
+    """The two-launch decode attention (splits + combine; tensor-core or broadcast products;
+    the combine reading 2 splits at a time) equals float64 attention rounded once (torch's,
+    as the CPU backend's attend) bit for bit, on a ring with empty cells, future positions
+    and a sliding window, with a scale that float32 does not hold exactly."""
+    from ggforge.runtime.gpu import attn_kernels
+    monkeypatch.setattr(attn_kernels, "DOT", dot)
+    monkeypatch.setattr(attn_kernels, "COMBINE_SPLITS", 2)
     gen = torch.Generator().manual_seed(n_head * 100 + d)
     cells = 37
     kc = torch.randn((cells, n_head_kv, d), generator=gen)
@@ -157,10 +162,10 @@ def test_decode_attention_kernel_equals_torch_attention(n_head, n_head_kv, d, wi
     q = torch.randn((1, n_head, d), generator=gen) * 2
     qpos = torch.tensor([30])                          # cells holding 31.. are in the future
     args = [t.to(DEVICE) for t in (q, kc, vc, pc, qpos)]
-    got = decode_attention(*args, 0.3, window, cells).cpu()
+    got = attn_kernels.decode_attention(*args, 0.3, window, cells).cpu()
     ref = backend._attention(q, kc, vc, pc, qpos, 0.3, window)
     assert got.shape == ref.shape == (1, n_head * d)
-    assert torch.allclose(got, ref, rtol=1e-5, atol=1e-6)
+    assert torch.equal(got, ref), f"{int((got != ref).sum())} of {got.numel()} differ"
 
 
 @pytest.mark.parametrize("rope,n_rot,extras", [("norm", 16, False), ("neox", 12, True), ("neox", 16, False)])

@@ -20,6 +20,7 @@ one-pass online softmax does not have.)
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -28,13 +29,21 @@ from ggforge.runtime.gpu import pdl
 
 from ggforge.runtime.gpu.q8_kernels import _round_q8_0
 
-_FLOOR = tl.constexpr(-1e30)  # a finite "no score yet": exp(_FLOOR - m) is 0, never NaN
+_FLOOR = tl.constexpr(-1e30)
+
+
+def _f32(scale: float) -> float:
+    """The scale as the CPU takes it (float32), also under Triton's interpreter, which would
+    otherwise keep a float argument in double where the device rounds it to float32."""
+    return float(np.float32(scale))
+  # a finite "no score yet": exp(_FLOOR - m) is 0, never NaN
 
 
 @triton.jit
 def _attn_split(q, kc, vc, pc, qpos_p, pm, pl, pacc, scale, window, m, n_head_kv, g,
                 CPS: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, G: tl.constexpr,
-                DP: tl.constexpr, DVP: tl.constexpr, BN: tl.constexpr, K_F16: tl.constexpr):
+                DP: tl.constexpr, DVP: tl.constexpr, BN: tl.constexpr, K_F16: tl.constexpr,
+                DOT: tl.constexpr = False):
     pdl.start()
     h = tl.program_id(0)
     s = tl.program_id(1)
@@ -61,7 +70,10 @@ def _attn_split(q, kc, vc, pc, qpos_p, pm, pl, pacc, scale, window, m, n_head_kv
                      mask=valid[:, None] & (di[None, :] < D), other=0.0).to(tl.float64)  # (BN, DP)
         cp = tl.load(pc + cl, mask=valid, other=-1)
         ok = valid & (cp >= 0) & (cp <= qpos) & ((window == 0) | (qpos - cp < window))
-        sc = tl.sum(qt[:, None, :] * kt[None, :, :], axis=2) * scale            # (G, BN)
+        if DOT:
+            sc = tl.dot(qt, tl.trans(kt)) * scale                               # (G, BN)
+        else:
+            sc = tl.sum(qt[:, None, :] * kt[None, :, :], axis=2) * scale        # (G, BN)
         sc = tl.where(ok[None, :], sc, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(sc, axis=1))
         alpha = tl.exp(m_i - m_new)
@@ -69,7 +81,10 @@ def _attn_split(q, kc, vc, pc, qpos_p, pm, pl, pacc, scale, window, m, n_head_kv
         vt = tl.load(vc + (cl * n_head_kv + h)[:, None] * DV + ei[None, :],
                      mask=valid[:, None] & (ei[None, :] < DV), other=0.0).to(tl.float64)  # (BN, DVP)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vt[None, :, :], axis=1)
+        if DOT:
+            acc = acc * alpha[:, None] + tl.dot(p, vt)
+        else:
+            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vt[None, :, :], axis=1)
         m_i = m_new
     base = h * n_split + s
     tl.store(pm + base * G + gi, m_i)
@@ -79,20 +94,28 @@ def _attn_split(q, kc, vc, pc, qpos_p, pm, pl, pacc, scale, window, m, n_head_kv
 
 @triton.jit
 def _attn_combine(pm, pl, pacc, out, xq, xd, n_split, g, DV: tl.constexpr, G: tl.constexpr,
-                  DVP: tl.constexpr, SP: tl.constexpr, QUANT: tl.constexpr):
+                  DVP: tl.constexpr, SP: tl.constexpr, SC: tl.constexpr, QUANT: tl.constexpr):
     pdl.start()
     hq = tl.program_id(0)
     h = hq // g
     j = hq % g
-    si = tl.arange(0, SP)
+    si = tl.arange(0, SC)
     ei = tl.arange(0, DVP)
-    sm = si < n_split
-    base = (h * n_split + si) * G + j
-    ms = tl.load(pm + base, mask=sm, other=_FLOOR)
-    ls = tl.load(pl + base, mask=sm, other=0.0)
-    accs = tl.load(pacc + base[:, None] * DVP + ei[None, :], mask=sm[:, None], other=0.0)
-    w = tl.exp(ms - tl.max(ms, axis=0))
-    o = (tl.sum(accs * w[:, None], axis=0) / tl.sum(ls * w, axis=0)).to(tl.float32)
+    top = tl.full((SC,), _FLOOR, tl.float64)
+    for s0 in range(0, SP, SC):       # the splits' maxima (SP >= n_split), SC at a time
+        top = tl.maximum(top, tl.load(pm + (h * n_split + s0 + si) * G + j,
+                                      mask=s0 + si < n_split, other=_FLOOR))
+    top = tl.max(top, axis=0)
+    acc = tl.zeros((DVP,), tl.float64)
+    ls = tl.zeros((SC,), tl.float64)
+    for s0 in range(0, SP, SC):       # each split rescaled to the common max and summed
+        sm = s0 + si < n_split
+        base = (h * n_split + s0 + si) * G + j
+        w = tl.exp(tl.load(pm + base, mask=sm, other=_FLOOR) - top)
+        ls += tl.load(pl + base, mask=sm, other=0.0) * w
+        accs = tl.load(pacc + base[:, None] * DVP + ei[None, :], mask=sm[:, None], other=0.0)
+        acc += tl.sum(accs * w[:, None], axis=0)
+    o = (acc / tl.sum(ls, axis=0)).to(tl.float32)
     if QUANT:   # the output projection's input, rounded to Q8_0 (DV a multiple of 32)
         q, d = _round_q8_0(tl.reshape(o, (1, DVP)), 1, DVP)
         tl.store(xq + hq * DV + ei, tl.reshape(q, (DVP,)).to(tl.int8), mask=ei < DV)
@@ -102,9 +125,15 @@ def _attn_combine(pm, pl, pacc, out, xq, xd, n_split, g, DV: tl.constexpr, G: tl
         tl.store(out + hq * DV + ei, o, mask=ei < DV)
 
 
-TILE = 8192         # elements of the (G, BN, D) product tile a program holds
+# Settings (scripts/device/attn_sweep.py times them). DOT: the two products of a split as
+# float64 tensor-core products (tl.dot; the query heads padded to 16 rows, BN >= 16);
+# else broadcast products of a (G, BN, D) tile of TILE float64 elements, which past about
+# 2,048 no longer fits in registers (255 and spills at 8,192 for d 128 on sm_90).
+DOT = True
+TILE = 2048
 SPLIT_PROGRAMS = 512  # split the cells until there are about this many programs
 WARPS = 4
+COMBINE_SPLITS = 16   # splits a combine program reads at a time (SC)
 
 
 def decode_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, pc: torch.Tensor,
@@ -116,8 +145,13 @@ def decode_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, pc: to
     n_head, d = q.shape[1], q.shape[2]
     n_head_kv, dv = vc.shape[1], vc.shape[2]
     g = n_head // n_head_kv
-    G, DP, DVP = max(2, triton.next_power_of_2(g)), triton.next_power_of_2(d), triton.next_power_of_2(dv)
-    bn = max(16, min(64, TILE // (G * max(DP, DVP))))
+    DP, DVP = triton.next_power_of_2(d), triton.next_power_of_2(dv)
+    dot = DOT and min(DP, DVP) >= 16    # tl.dot's smallest tile
+    if dot:
+        G, bn = max(16, triton.next_power_of_2(g)), 16
+    else:
+        G = max(2, triton.next_power_of_2(g))
+        bn = max(2, min(64, TILE // (G * max(DP, DVP))))
     n_split = max(1, min(triton.cdiv(m, bn), triton.cdiv(SPLIT_PROGRAMS, n_head_kv)))
     per = triton.cdiv(triton.cdiv(m, n_split), bn) * bn
     n_split = triton.cdiv(m, per)
@@ -125,14 +159,15 @@ def decode_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, pc: to
     pm = torch.empty((n_head_kv, n_split, G), dtype=torch.float64, device=dev)
     pl = torch.empty_like(pm)
     pacc = torch.empty((n_head_kv, n_split, G, DVP), dtype=torch.float64, device=dev)
-    _attn_split[(n_head_kv, n_split)](q.contiguous(), kc, vc, pc, qpos, pm, pl, pacc, float(scale),
+    _attn_split[(n_head_kv, n_split)](q.contiguous(), kc, vc, pc, qpos, pm, pl, pacc, _f32(scale),
                                       int(window), m, n_head_kv, g, CPS=per, D=d, DV=dv, G=G,
-                                      DP=DP, DVP=DVP, BN=bn, K_F16=kc.dtype == torch.float16,
+                                      DP=DP, DVP=DVP, BN=bn, K_F16=kc.dtype == torch.float16, DOT=dot,
                                       num_warps=WARPS, enable_fp_fusion=False, **pdl.LAUNCH)
     out = torch.empty((1, n_head * dv), dtype=torch.float32, device=dev)
     xq = torch.empty((1, n_head * dv), dtype=torch.int8, device=dev) if quant else out
     xd = torch.empty((1, n_head * dv // 32), dtype=torch.float32, device=dev) if quant else out
+    sp = max(2, triton.next_power_of_2(n_split))
     _attn_combine[(n_head,)](pm, pl, pacc, out, xq, xd, n_split, g, DV=dv, G=G, DVP=DVP,
-                             SP=max(2, triton.next_power_of_2(n_split)), QUANT=quant, num_warps=1,
+                             SP=sp, SC=min(sp, COMBINE_SPLITS), QUANT=quant, num_warps=4,
                              enable_fp_fusion=False, **pdl.LAUNCH)
     return (xq, xd) if quant else out

@@ -1,7 +1,7 @@
 #!/bin/bash
 # GPU checks and benchmarks on a lent CUDA machine (bare image: torch, Triton, numba there).
 #   bash scripts/device/gpu_session.sh STEP...
-#   steps: setup build tests attn sweep big big7 profile bench waitbuild piece gemma layers lgreedy
+#   steps: setup build tests attn sweep big big7 profile bench waitbuild piece gemma trace layers lgreedy
 # .dev/ (git-ignored) carries the gguf wheel and llama.cpp's trimmed source (lcpp.tar.xz);
 # .dev2/g0..g4 the real Gemma-3-270M Q4_K_M file in five pieces (a call carries 64 MiB at
 # most, and a carried path is gone at the next call: carry one piece a call, step `piece`
@@ -64,6 +64,8 @@ piece)   # keep the carried piece(s) of the Gemma file
 gemma)   # the real model: GPU against CPU at 0, half, all layers (after five `piece` calls)
   cat /tmp/g/g0 /tmp/g/g1 /tmp/g/g2 /tmp/g/g3 /tmp/g/g4 > /tmp/gemma.gguf && sha256sum /tmp/gemma.gguf | cut -c1-16
   python3 scripts/device/real_check.py /tmp/gemma.gguf 2>&1 | tee "$OUT/real.log" ;;
+trace)   # where greedy continuations part: teacher-forced, step by step, layer by layer (after `gemma`)
+  (cd scripts/device && python3 greedy_trace.py /tmp/gemma.gguf "${TRACE_PROMPT:-ALL}" ${TRACE_NGL:-all}) 2>&1 | tee "$OUT/trace.log" ;;
 waitbuild)
   for i in $(seq 1 ${WAIT:-60}); do [ -x $LB ] && break; sleep 5; done; tail -2 /tmp/lc/build.log ;;
 esac; done
