@@ -131,7 +131,7 @@ def _attn_combine(pm, pl, pacc, out, xq, xd, n_split, g, DV: tl.constexpr, G: tl
 # 2,048 no longer fits in registers (255 and spills at 8,192 for d 128 on sm_90).
 DOT = True
 TILE = 2048
-SPLIT_PROGRAMS = 512  # split the cells until there are about this many programs
+SPLIT_PROGRAMS = 128  # split the cells until there are about this many programs (attn_sweep.py)
 WARPS = 4
 COMBINE_SPLITS = 16   # splits a combine program reads at a time (SC)
 
