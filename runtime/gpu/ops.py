@@ -145,7 +145,7 @@ def matmul(x: torch.Tensor, w: GWeight, out: torch.Tensor | None = None) -> torc
         bk = min(w.bk, 128) if w.act != ACT["q8_K"] else 256
         grid = (triton.cdiv(w.n_out, bm), triton.cdiv(n_tok, bt))
         K._gemm[grid](w.data, x, out, tab, n_tok, w.n_out, w.n_in, w.row_stride,
-                      TYPE=w.ggml_type, ACT=w.act, BT=bt, BM=bm, BK=bk, num_warps=4, enable_fp_fusion=False)
+                      TYPE=w.ggml_type, ACT=w.act, BT=bt, BM=bm, BK=bk, num_warps=4)   # FMA: see _matmul_q8_0
     return out
 
 
@@ -208,7 +208,11 @@ def matmul_q8(xq: torch.Tensor, xd: torch.Tensor, w: GWeight,
         return out
     cfg = dict(BT=64, BM=128, BK=128, num_warps=4) if INTERPRET else Q8_GEMM
     grid = (triton.cdiv(w.n_out, cfg["BM"]), triton.cdiv(n_tok, cfg["BT"]))
-    Q8._gemm[grid](q, d, xq, xd, out, n_tok, w.n_out, w.n_in, **cfg, enable_fp_fusion=False)
+    # the prefill products keep fused multiply-adds: they sum in float32 in their own order
+    # (not the CPU's bits in any case), and without them each block's scaling of a tile
+    # costs a multiply and an add instead of one fma (H200, 1.1B Q8_0 file: pp512 14.9k t/s
+    # without, 19.2k with; runtime/gpu/NOTES.md)
+    Q8._gemm[grid](q, d, xq, xd, out, n_tok, w.n_out, w.n_in, **cfg)
     return out
 
 

@@ -24,8 +24,8 @@ build)   # llama.cpp with CUDA, in the background (setsid: outlives this command
      -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF \
      -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DGGML_NATIVE=ON && cmake --build build --target llama-bench llama-completion -j 12" \
      > /tmp/lc/build.log 2>&1 < /dev/null &) ;;
-tests)   # TESTS=-k "expr" for a subset
-  python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py ${TESTS:-} 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
+tests)   # TESTS="expr" for a subset (pytest -k)
+  python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py ${TESTS:+-k "$TESTS"} 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
 attn)    # decode attention's tile/split/warp settings
   python3 scripts/device/attn_sweep.py 2>&1 | tee "$OUT/attn.log" ;;
 big)     # a generated 1.1B-parameter llama (TinyLlama shape), Q8_0: 1.17 GB
