@@ -97,8 +97,11 @@ def quantize_args(src: Path, out: Path, *extra: str) -> list[str]:
 def signal_mid_write(src: Path, out: Path, sig: int, *extra: str) -> subprocess.CompletedProcess:
     """Start quantize, send `sig` as soon as its partial file exists, wait for the end."""
     partial = atomic.partial_path(out)
+    # SIGINT at its default in the child: a shell without job control starts background
+    # jobs (a CI runner's `cmd &`) with SIGINT ignored, which Python then keeps ignoring
     proc = subprocess.Popen(quantize_args(src, out, *extra), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=subprocess_env())
+                            stderr=subprocess.PIPE, text=True, env=subprocess_env(),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 120
         while not partial.exists():
