@@ -29,14 +29,7 @@ from ggforge.runtime.gpu import pdl
 
 from ggforge.runtime.gpu.q8_kernels import _round_q8_0
 
-_FLOOR = tl.constexpr(-1e30)
-
-
-def _f32(scale: float) -> float:
-    """The scale as the CPU takes it (float32), also under Triton's interpreter, which would
-    otherwise keep a float argument in double where the device rounds it to float32."""
-    return float(np.float32(scale))
-  # a finite "no score yet": exp(_FLOOR - m) is 0, never NaN
+_FLOOR = tl.constexpr(-1e30)  # a finite "no score yet": exp(_FLOOR - m) is 0, never NaN
 
 
 @triton.jit
@@ -159,7 +152,10 @@ def decode_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, pc: to
     pm = torch.empty((n_head_kv, n_split, G), dtype=torch.float64, device=dev)
     pl = torch.empty_like(pm)
     pacc = torch.empty((n_head_kv, n_split, G, DVP), dtype=torch.float64, device=dev)
-    _attn_split[(n_head_kv, n_split)](q.contiguous(), kc, vc, pc, qpos, pm, pl, pacc, _f32(scale),
+    # the scale as the CPU takes it, float32 (as backend._attention): the device rounds a
+    # float argument so, Triton's interpreter would keep it in double
+    _attn_split[(n_head_kv, n_split)](q.contiguous(), kc, vc, pc, qpos, pm, pl, pacc,
+                                      float(np.float32(scale)),
                                       int(window), m, n_head_kv, g, CPS=per, D=d, DV=dv, G=G,
                                       DP=DP, DVP=DVP, BN=bn, K_F16=kc.dtype == torch.float16, DOT=dot,
                                       num_warps=WARPS, enable_fp_fusion=False, **pdl.LAUNCH)

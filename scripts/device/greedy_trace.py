@@ -4,8 +4,9 @@ step that differs, each layer's output.
 
     python3 scripts/device/greedy_trace.py MODEL.gguf ["prompt" | ALL] [gpu_layers]
 
-ALL: real_check.py's five prompts.
+ALL: real_check.py's five prompts. TRACE_N: greedy tokens (64).
 """
+import os
 import sys
 
 import numpy as np
@@ -62,7 +63,7 @@ def main(path, prompt=PROMPT, ngl="all"):
     from ggforge.runtime.sampling import SamplerSettings
     with load(path, n_ctx=512) as lm:
         ids = lm.tokenize(prompt)
-        toks = list(lm.generate_tokens(ids, max_tokens=int(__import__("os").environ.get("TRACE_N", 64)),
+        toks = list(lm.generate_tokens(ids, max_tokens=int(os.environ.get("TRACE_N", 64)),
                                        settings=SamplerSettings(temperature=0.0, repeat_last_n=0)))
     print(f"prompt {len(ids)} tokens, {len(toks)} greedy tokens (CPU)", flush=True)
     ref, ref_states = run(path, ids, toks, 0)
