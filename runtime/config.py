@@ -1,7 +1,8 @@
 """A model's shape and switches, read from GGUF metadata and tensor names.
 
-The forward pass is one function driven by these fields; what differs between families
-is data in TRAITS (keyed by general.architecture) or is read from the file.
+The forward's structure (runtime/decoder.py) is driven by these fields; what differs
+between families is data in TRAITS (keyed by general.architecture) or is read from the
+file. The decoder is the one place of the runtime that reads them.
 """
 from __future__ import annotations
 
@@ -56,10 +57,6 @@ class ModelConfig:
     final_softcap: float
     has_rope_freqs: bool
     tied_output: bool
-
-    def is_swa(self, layer: int) -> bool:
-        p = self.traits.swa_pattern
-        return self.sliding_window > 0 and p > 0 and layer % p < p - 1
 
     @classmethod
     def from_gguf(cls, g: GGUFFile) -> "ModelConfig":

@@ -12,6 +12,7 @@ raises ContextFullError (no silent context shift).
 from __future__ import annotations
 
 import codecs
+import dataclasses
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -50,6 +51,7 @@ class LoadedModel:
             self.model.close()
             raise
         self._cached: list[int] = []  # the tokens whose keys and values the cache holds
+        self._template = None          # the file's chat template, compiled at first chat()
 
     def close(self) -> None:
         self.model.close()
@@ -105,8 +107,10 @@ class LoadedModel:
         return logits[-1]
 
     def generate_tokens(self, prompt: str | Sequence[int], *, max_tokens: int = 128,
-                        settings: SamplerSettings = SamplerSettings()) -> Iterator[int]:
-        """Token ids, one at a time, until an end-of-generation token or max_tokens."""
+                        settings: SamplerSettings | None = None, **sampling) -> Iterator[int]:
+        """Token ids, one at a time, until an end-of-generation token or max_tokens.
+        Sampling as in generate()."""
+        settings = sampler_settings(settings, **sampling)
         ids = self.tokenize(prompt) if isinstance(prompt, str) else prompt
         if isinstance(prompt, str) and not ids:
             # llama.cpp evaluates a lone BOS for an empty prompt, or fails: "input is empty"
@@ -130,9 +134,17 @@ class LoadedModel:
             self._cached.append(tok)
 
     def generate(self, prompt: str | Sequence[int], *, max_tokens: int = 128,
-                 settings: SamplerSettings = SamplerSettings(),
-                 stop: Sequence[str] = ()) -> Iterator[str]:
-        """Text pieces as they are generated; stops at end-of-generation or a stop string."""
+                 settings: SamplerSettings | None = None, stop: Sequence[str] | str = (),
+                 **sampling) -> Iterator[str]:
+        """Text pieces as they are generated; stops at end-of-generation, max_tokens or a
+        stop string (not included in the text).
+
+        Sampling as llama.cpp's (its defaults): ``temperature=0.8`` (0: greedy),
+        ``top_k=40``, ``top_p=0.95``, ``min_p=0.05``, ``repeat_penalty=1.0``,
+        ``repeat_last_n=64``, ``seed=None`` (a fixed seed repeats a run); or a
+        SamplerSettings as ``settings``, the keywords overriding its fields."""
+        stop = (stop,) if isinstance(stop, str) else tuple(stop)
+        settings = sampler_settings(settings, **sampling)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         pending = ""  # text held back while it could still be the start of a stop string
         for tok in self.generate_tokens(prompt, max_tokens=max_tokens, settings=settings):
@@ -150,6 +162,43 @@ class LoadedModel:
         pending += decoder.decode(b"", final=True)
         if pending:
             yield pending
+
+
+    @property
+    def chat_template(self):
+        """The file's chat template (ChatTemplateError if it has none or it does not compile)."""
+        from ggforge.runtime.chat import ChatTemplate
+
+        if self._template is None:
+            self._template = ChatTemplate.from_metadata(self.metadata)
+        return self._template
+
+    def chat_prompt(self, messages: Sequence[dict]) -> list[int]:
+        """The token ids of ``messages`` rendered with the file's chat template (sandboxed),
+        ready for the assistant's reply; BOS added where the tokenizer wants one and the
+        template did not write it."""
+        text = self.chat_template.render(list(messages), add_generation_prompt=True)
+        ids = self.tokenizer.encode(text, add_special=False, parse_special=True)
+        if self.tokenizer.add_bos and (not ids or ids[0] != self.tokenizer.bos_id):
+            ids = [self.tokenizer.bos_id] + ids
+        return ids
+
+    def chat(self, messages: Sequence[dict], *, max_tokens: int = 512, **kw) -> Iterator[str]:
+        """The assistant's reply to ``messages`` ([{"role": "user", "content": "..."}, ...]),
+        as text pieces; keywords as generate(). The KV cache keeps the conversation, so
+        the next turn evaluates only its new tokens."""
+        return self.generate(self.chat_prompt(messages), max_tokens=max_tokens, **kw)
+
+
+def sampler_settings(settings: SamplerSettings | None = None, **fields) -> SamplerSettings:
+    """``settings`` (default: llama.cpp's defaults) with the given fields replaced; an
+    unknown name is a TypeError naming it and the known ones."""
+    settings = SamplerSettings() if settings is None else settings
+    known = {f.name for f in dataclasses.fields(SamplerSettings)}
+    bad = sorted(set(fields) - known)
+    if bad:
+        raise TypeError(f"unknown sampling argument {bad[0]!r}; known: {', '.join(sorted(known))}")
+    return dataclasses.replace(settings, **fields) if fields else settings
 
 
 def _held(text: str, stop: Sequence[str], keep: int) -> int:

@@ -1,11 +1,13 @@
-"""The decoder forward pass, one function for every supported family, driven by ModelConfig.
+"""A mapped GGUF model and its forward pass: segments of layers, each on a backend.
 
-Weights stay as the file holds them (mapped, quantized); matrix products go through the
-kernels, which compute from the quantized blocks. Norms and biases are small F32 vectors.
+The layer's structure is runtime/decoder.py's, for every family and backend; this module
+loads the weights (as the file holds them: mapped, quantized; norms and biases are small
+F32 vectors) and runs the segments: the first layers on the CPU (runtime/cpu_ops.py), the
+last ones and maybe the output head on a GPU (runtime/gpu/backend.py), the head on the CPU
+when the GPU does not hold it. Only the hidden state crosses between segments.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,33 +18,14 @@ from ggforge.formats.gguf_reader import GGUFFile
 from ggforge.formats.quants import dequantize, get_type
 from ggforge.runtime import kernels
 from ggforge.runtime.config import ModelConfig
+from ggforge.runtime.cpu_ops import CpuOps, Layer
+from ggforge.runtime.decoder import Decoder
 from ggforge.runtime.kv_cache import KVCache
-from ggforge.runtime.layers import ACTIVATIONS, apply_rope, attention, rms_norm, rope_cache
 
 F32 = np.float32
 # llama.cpp's CUDA backend runs a host-resident weight's product on the GPU from this many
 # tokens (ggml-cuda's offload_op min batch size)
 OFFLOAD_MIN_BATCH = 32
-
-
-@dataclass
-class Layer:
-    attn_norm: np.ndarray
-    wq: kernels.QWeight
-    wk: kernels.QWeight
-    wv: kernels.QWeight
-    wo: kernels.QWeight
-    ffn_norm: np.ndarray
-    gate: kernels.QWeight
-    up: kernels.QWeight
-    down: kernels.QWeight
-    bq: np.ndarray | None = None
-    bk: np.ndarray | None = None
-    bv: np.ndarray | None = None
-    q_norm: np.ndarray | None = None
-    k_norm: np.ndarray | None = None
-    post_attn_norm: np.ndarray | None = None
-    post_ffn_norm: np.ndarray | None = None
 
 
 class Model:
@@ -54,6 +37,7 @@ class Model:
         try:
             check_model_metadata(self.gguf)  # contradictions named before any shape is used
             self.config = ModelConfig.from_gguf(self.gguf)
+            self.decoder = Decoder(self.config)
             self._load()
         except BaseException:
             self.gguf.close()
@@ -154,9 +138,11 @@ class Model:
             cache.gpu = self.gpu.new_cache(n_ctx, cache.k.dtype, cache.v.dtype)
         return cache
 
-    def forward(self, tokens: np.ndarray, cache: KVCache, *, all_logits: bool = False) -> np.ndarray:
+    def forward(self, tokens: np.ndarray, cache: KVCache, *, all_logits: bool = False,
+                observe=None) -> np.ndarray:
         """Run `tokens` at positions cache.n_past.. ; returns logits (n, n_vocab) for all
-        tokens or (1, n_vocab) for the last one."""
+        tokens or (1, n_vocab) for the last one. ``observe(il, x)``, if given, sees the
+        hidden state (n, n_embd) entering each CPU layer."""
         c = self.config
         tokens = np.asarray(tokens)
         if tokens.ndim != 1 or tokens.size == 0:
@@ -172,69 +158,24 @@ class Model:
         tokens = tokens.astype(np.int64)
         p0, n = cache.n_past, tokens.size
         cache.check_room(n)
-        pos = np.arange(p0, p0 + n)
-        x = kernels.get_rows(self.tok_embd, tokens)                     # (n, n_embd)
-        if c.traits.embed_scale:
-            x = x * F32(np.sqrt(F32(c.n_embd)))
-        ropes = {}
-        for il, L in enumerate(self.layers[:self.n_cpu_layers]):
-            swa = c.is_swa(il)
-            if swa not in ropes:
-                base, scale = (c.rope_base_swa, 1.0) if swa else (c.rope_base, c.rope_scale)
-                ropes[swa] = rope_cache(pos, c.n_rot, base, scale, self.rope_freqs)
-            x = self._layer(il, L, x, pos, cache, *ropes[swa], window=c.sliding_window if swa else 0)
-        if self.gpu is not None:  # the last layers (and maybe the head) on the device
+        dec, n_cpu = self.decoder, self.n_cpu_layers
+        # a CPU layer's product over a large batch runs on the device, as llama.cpp's CUDA
+        # backend takes such products (the weight copied there for the one product)
+        hook = None if self.gpu is None else self.gpu.host_matmul
+        ops = CpuOps(c, self.rope_freqs, hook, OFFLOAD_MIN_BATCH)
+        x = dec.embed(ops, self.tok_embd, tokens)                      # (n, n_embd)
+        if n_cpu:   # segment 1: layers 0..n_cpu-1 on the CPU
+            step = ops.step(np.arange(p0, p0 + n), cache, dec.ropes(0, n_cpu))
+            pend = None
+            for il in range(n_cpu):
+                if observe is not None:
+                    x, pend = (x if pend is None else ops.finish(x, pend)), None
+                    observe(il, x)
+                x, pend = dec.layer(ops, il, self.layers[il], x, pend, step)
+            x = ops.finish(x, pend)
+        if self.gpu is not None:  # segment 2: the last layers (and maybe the head) on the device
             x = self.gpu.forward(x, p0, cache.gpu, all_logits)
-            if self.gpu.head:
-                cache.n_past = p0 + n
-                return x
         cache.n_past = p0 + n
-        if not all_logits:
-            x = x[-1:]
-        x = rms_norm(x, self.output_norm, c.eps)
-        logits = kernels.matmul(x, self.output)                          # (n, n_vocab)
-        if c.final_softcap:
-            cap = F32(c.final_softcap)
-            logits = np.tanh(logits * (F32(1.0) / cap)) * cap
-        return logits
-
-    def _matmul(self, x: np.ndarray, w: kernels.QWeight) -> np.ndarray:
-        """x @ W.T; with layers offloaded, a CPU layer's product over a batch of at least
-        OFFLOAD_MIN_BATCH tokens runs on the device (the weight copied there for the one
-        product), as llama.cpp's CUDA backend takes such products."""
-        if self.gpu is not None and x.shape[0] >= OFFLOAD_MIN_BATCH:
-            return self.gpu.host_matmul(x, w)
-        return kernels.matmul(x, w)
-
-    def _layer(self, il: int, L: Layer, x: np.ndarray, pos: np.ndarray, cache: KVCache,
-               cos: np.ndarray, sin: np.ndarray, window: int) -> np.ndarray:
-        c, n = self.config, x.shape[0]
-        h = rms_norm(x, L.attn_norm, c.eps)
-        mm = self._matmul
-        q, k, v = mm(h, L.wq), mm(h, L.wk), mm(h, L.wv)
-        if L.bq is not None:
-            q, k, v = q + L.bq, k + L.bk, v + L.bv
-        q = q.reshape(n, c.n_head, c.head_dim)                           # (n, n_head, d)
-        k = k.reshape(n, c.n_head_kv, c.head_dim)
-        v = v.reshape(n, c.n_head_kv, c.head_dim_v)
-        if L.q_norm is not None:
-            q, k = rms_norm(q, L.q_norm, c.eps), rms_norm(k, L.k_norm, c.eps)
-        q = apply_rope(q, cos, sin, c.traits.rope)
-        k = apply_rope(k, cos, sin, c.traits.rope)
-        scale = c.attn_scale
-        if c.traits.q_scale_on_q:
-            q, scale = q * F32(c.attn_scale), 1.0
-        keys, values = cache.store(il, pos[0], k, v)
-        a = attention(q, keys, values, pos, scale, window,
-                      k_f16=cache.k_f16, v_f16=cache.v_f16)             # (n, n_head * dv)
-        o = mm(a, L.wo)
-        if L.post_attn_norm is not None:
-            o = rms_norm(o, L.post_attn_norm, c.eps)
-        x = x + o
-        h = rms_norm(x, L.ffn_norm, c.eps)
-        f = ACTIVATIONS[c.traits.act](mm(h, L.gate)) * mm(h, L.up)
-        f = mm(f, L.down)
-        if L.post_ffn_norm is not None:
-            f = rms_norm(f, L.post_ffn_norm, c.eps)
-        return x + f
-
+        if self.gpu is not None and self.gpu.head:
+            return x
+        return dec.head(ops, x, None, self.output_norm, self.output, all_logits)  # (n, n_vocab)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from gguf import GGMLQuantizationType
 
 from ggforge.runtime.config import ModelConfig
+from ggforge.runtime.decoder import layer_windows
 
 UBATCH = 512                     # prompt tokens per pass on the GPU (runtime/gpu/backend.py)
 # Blocks padded on the device so that the integer decode kernels read 32-bit words:
@@ -209,15 +210,17 @@ def make_plan(gguf, config: ModelConfig, n_ctx: int, gpu_layers: int | str,
     scratch = (UBATCH * (4 * c.n_embd + 2 * q_out + 4 * c.n_head_kv * c.head_dim + 3 * c.n_ff) * 4
                + 2 * c.n_head * UBATCH * n_ctx * 4 + c.n_vocab * 4)
 
+    windows = layer_windows(c)
+
     def build(n_gpu: int) -> Plan:
         first = max(c.n_layer - n_gpu, 0)
         layers = []
         for i in range(c.n_layer):
             gpu = i >= first and n_gpu > 0
-            swa = c.is_swa(i)
+            swa = windows[i] > 0
             cells = swa_cells if (swa and gpu) else n_ctx   # the CPU cache holds every position
             layers.append(LayerPlan(i, per_layer[gpu][i], swa, cells, cells * cell, "gpu" if gpu else "cpu"))
-        n_swa = sum(c.is_swa(i) for i in range(c.n_layer))
+        n_swa = sum(w > 0 for w in windows)
         formula = [f"{c.n_layer - n_swa} full layers x {n_ctx} cells x {c.n_head_kv} kv heads x {per_cell}"]
         if n_swa:
             formula.append(f"{n_swa} sliding-window layers x min({n_ctx}, {c.sliding_window} + {UBATCH}) "

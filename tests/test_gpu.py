@@ -18,6 +18,7 @@ from ggforge.formats.gguf_reader import GGUFFile
 from ggforge.formats.quants import get_type, quantize
 from ggforge.runtime import placement
 from ggforge.runtime.config import ModelConfig
+from ggforge.runtime.decoder import layer_windows
 from ggforge.runtime.generate import load
 from ggforge.runtime.kernels import QWeight
 from ggforge.runtime.kernels import get_rows as cpu_get_rows
@@ -334,9 +335,9 @@ def test_fused_q8_0_decode_follows_the_cpu_backend(tiny_model, tmp_path, arch):
     runs = {}
     for fused in (True, False):   # False: the same layers through the separate glue
         with load(path, gpu_layers="all", device=DEVICE) as m:
-            assert all(L["fused"] for L in m.model.gpu.layers)
+            assert all(L.fused for L in m.model.gpu.layers)
             for L in m.model.gpu.layers:
-                L["fused"] = fused
+                L.fused = fused
             tokens = list(m.generate_tokens(ids, max_tokens=6, settings=GREEDY))
             runs[fused] = m.model.forward(np.asarray(ref_tokens[:1]), m.cache)
         assert tokens == ref_tokens
@@ -381,7 +382,8 @@ def test_sliding_window_ring_and_prefix_reuse(q4km, monkeypatch):
         ref = m.eval(ids)
     with load(path, gpu_layers=2, device=DEVICE) as m:        # layers 4 (sliding) and 5 (global)
         c = m.model.config
-        assert c.is_swa(c.n_layer - 2) and not c.is_swa(c.n_layer - 1)
+        w = layer_windows(c)
+        assert w[c.n_layer - 2] and not w[c.n_layer - 1]
         cache = m.model.new_cache(64)
         sizes = cache.gpu.sizes
         assert min(sizes) == c.sliding_window + 4 < len(ids)     # rings smaller than the prompt
@@ -406,7 +408,7 @@ def test_plan_counts_layers_as_llama_cpp(q4km):
         assert p.gpu_layers == c.n_layer + 1
         # the KV formula: cells x kv heads x (dk + dv) x 4 bytes; sliding layers hold a ring
         per_cell = c.n_head_kv * (c.head_dim + c.head_dim_v) * 4
-        swa = [c.is_swa(i) for i in range(c.n_layer)]
+        swa = [w > 0 for w in layer_windows(c)]
         ring = min(128, c.sliding_window + placement.UBATCH)
         assert p.gpu_kv == sum((ring if s else 128) * per_cell for s in swa)
         def dev(t):   # blocks padded on the device: Q6_K 210 -> 212, Q5_0 22 -> 24, Q4_0 18 -> 20

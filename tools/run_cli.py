@@ -92,10 +92,8 @@ def run_cmd(model: str, prompt: str, n_predict: int, stop: tuple[str, ...], **kw
 @one_line_errors
 def chat_cmd(model: str, system: str | None, n_predict: int, **kw) -> None:
     """Chat with a GGUF MODEL using its chat template (empty line or Ctrl-D ends)."""
-    from ggforge.runtime.chat import ChatTemplate
-
     with _load(model, kw) as m:
-        template = ChatTemplate.from_metadata(m.metadata)
+        m.chat_template   # a file without a usable template fails before the first turn
         messages = [{"role": "system", "content": system}] if system else []
         settings = _settings(kw)
         while True:
@@ -107,12 +105,8 @@ def chat_cmd(model: str, system: str | None, n_predict: int, **kw) -> None:
             if not line.strip():
                 break
             messages.append({"role": "user", "content": line})
-            prompt = template.render(messages, add_generation_prompt=True)
-            ids = m.tokenizer.encode(prompt, add_special=False, parse_special=True)
-            if m.tokenizer.add_bos and (not ids or ids[0] != m.tokenizer.bos_id):
-                ids = [m.tokenizer.bos_id] + ids
             reply = []
-            for piece in m.generate(ids, max_tokens=n_predict, settings=settings):
+            for piece in m.chat(messages, max_tokens=n_predict, settings=settings):
                 reply.append(piece)
                 click.echo(piece, nl=False)
                 sys.stdout.flush()

@@ -21,6 +21,8 @@ activations in those kernels.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -70,6 +72,101 @@ def _attention(q, keys, values, kv_pos, q_pos, scale: float, window: int) -> tor
         p = p.half().float()
     out = torch.matmul(p, values.permute(1, 0, 2)[:, None])           # (kv_h, g, n, dv)
     return out.permute(2, 0, 1, 3).reshape(n, n_head * dv)
+
+
+@dataclass
+class DeviceLayer:
+    """One layer's weights on the device: q|k|v and gate|up grouped (one launch each)."""
+
+    qkv: list            # [GWeight] (one planar Q8_0 weight) or the three
+    wo: ops.GWeight
+    gate_up: list
+    down: ops.GWeight
+    attn_norm: torch.Tensor
+    ffn_norm: torch.Tensor
+    bqkv: torch.Tensor | None = None      # q|k|v's biases concatenated
+    q_norm: torch.Tensor | None = None
+    k_norm: torch.Tensor | None = None
+    post_attn_norm: torch.Tensor | None = None
+    post_ffn_norm: torch.Tensor | None = None
+    fused: bool = False  # decode rounds activations to Q8_0 in the glue kernels
+
+
+@dataclass
+class DeviceStep:
+    """One pass's state: positions, the cache, how many cells attention reads."""
+
+    pos: torch.Tensor
+    cache: "GpuCache"
+    n_attn: int
+    i: int = 0            # the layer's index among the device layers (its cache slot)
+    kernel: bool = False  # decode attention in the Triton kernel
+
+
+class GpuOps:
+    """The decoder's operations on the device (runtime/decoder.py): fused glue kernels
+    (fused_kernels.py), products from the quantized blocks (ops.py). An activation is a
+    float32 tensor or, through Q8_0 planes at decode, a (quants, scales) pair that the
+    glue kernel rounded for the next product."""
+
+    def __init__(self, layers: "GpuLayers"):
+        self.g = layers
+        self.eps = layers.config.eps
+        self.q8 = False     # the current layer's (or head's) glue kernels round to Q8_0
+
+    def begin_layer(self, L: DeviceLayer, step: DeviceStep) -> None:
+        # the decode attention kernel: not from an F16 value cache, whose softmax weights
+        # the CPU rounds after normalizing (torch's attention does the same)
+        step.kernel = step.pos.shape[0] == 1 and step.cache.v[step.i].dtype == torch.float32
+        self.q8 = L.fused and step.kernel
+
+    def begin_head(self, output: ops.GWeight) -> None:
+        self.q8 = output.planes is not None
+
+    def add_norm(self, x, pend, w):
+        r, r_w = (None, None) if pend is None else pend
+        x, *h = FK.norm(x.contiguous(), w, self.eps, None if r is None else r.contiguous(), r_w,
+                        quant=self.q8)
+        return x, tuple(h) if self.q8 else h[0]
+
+    def finish(self, x, pend):
+        f, w = pend
+        return x + (f if w is None else _rms_norm(f, w, self.eps))
+
+    def last_row(self, x, pend):
+        return x[-1:], None if pend is None else (pend[0][-1:], pend[1])
+
+    def matmul(self, h, w: ops.GWeight):
+        return ops.matmul_q8(*h, w) if isinstance(h, tuple) else ops.matmul(h, w)
+
+    def _group(self, h, group: list):
+        return ops.matmul_q8(*h, group[0]) if isinstance(h, tuple) else ops.matmul_group(h, group)
+
+    def qkv(self, h, L: DeviceLayer):
+        return self._group(h, L.qkv)
+
+    def prep(self, qkv, L: DeviceLayer, s, step: DeviceStep):
+        c, cache, i = self.g.config, step.cache, step.i
+        cos_t, sin_t = self.g.ropes[s.rope]
+        return FK.prep(qkv, step.pos, cos_t, sin_t, cache.k[i], cache.v[i], cache.pos[i], L.bqkv,
+                       L.q_norm, L.k_norm, c.n_head, c.n_head_kv, c.head_dim, c.head_dim_v, c.eps,
+                       s.rope_mode, s.q_scale, cache.sizes[i])
+
+    def attend(self, q, s, step: DeviceStep):
+        cache, i = step.cache, step.i
+        kc, vc, pc = cache.k[i], cache.v[i], cache.pos[i]
+        window = cache.windows[i]
+        m = cache.sizes[i] if window else min(cache.sizes[i], step.n_attn)
+        if step.kernel:   # decode: two Triton launches reading the cache in place
+            return decode_attention(q, kc, vc, pc, step.pos, s.attn_scale, window, m, quant=self.q8)
+        return _attention(q, kc[:m], vc[:m], pc[:m], step.pos, s.attn_scale, window)
+
+    def ffn_in(self, h, L: DeviceLayer, act: str):
+        gu = self._group(h, L.gate_up)
+        return FK.act(gu, self.g.config.n_ff, act, self.g.gelu_table, quant=self.q8)
+
+    def softcap(self, logits, cap: float):
+        return torch.tanh(logits * (1.0 / cap)) * cap
 
 
 class GpuCache:
@@ -124,33 +221,32 @@ class GpuLayers:
         def vec(a):
             return None if a is None else torch.from_numpy(np.array(a, np.float32)).to(dev)
 
+        self.decoder = model.decoder
         self.layers = []
         for il in range(first, c.n_layer):
             L = model.layers[il]
-            self.layers.append({
-                "qkv": ops.GWeight.upload_group([L.wq, L.wk, L.wv], dev),
-                "wo": ops.GWeight.upload(L.wo, dev),
-                "gate_up": ops.GWeight.upload_group([L.gate, L.up], dev),
-                "down": ops.GWeight.upload(L.down, dev),
+            qkv = ops.GWeight.upload_group([L.wq, L.wk, L.wv], dev)
+            gate_up = ops.GWeight.upload_group([L.gate, L.up], dev)
+            wo, down = ops.GWeight.upload(L.wo, dev), ops.GWeight.upload(L.down, dev)
+            self.layers.append(DeviceLayer(
+                qkv=qkv, wo=wo, gate_up=gate_up, down=down,
                 **{k: vec(getattr(L, k)) for k in (
                     "attn_norm", "ffn_norm", "q_norm", "k_norm", "post_attn_norm", "post_ffn_norm")},
-                "bqkv": None if L.bq is None else vec(np.concatenate([L.bq, L.bk, L.bv])),
-            })
-        for L in self.layers:  # decode fuses glue and Q8_0 rounding (fused_kernels.py)
-            L["fused"] = (all(len(g) == 1 and g[0].planes is not None for g in (L["qkv"], L["gate_up"]))
-                          and L["wo"].planes is not None and L["down"].planes is not None
-                          and c.head_dim_v % 32 == 0)
+                bqkv=None if L.bq is None else vec(np.concatenate([L.bq, L.bk, L.bv])),
+                # decode fuses glue and Q8_0 rounding (fused_kernels.py)
+                fused=(all(len(g) == 1 and g[0].planes is not None for g in (qkv, gate_up))
+                       and wo.planes is not None and down.planes is not None
+                       and c.head_dim_v % 32 == 0)))
         if head:
             self.output = ops.GWeight.upload(model.output, dev)
             self.output_norm = vec(model.output_norm)
-        self._ropes: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._gelu_table = torch.from_numpy(gelu_table()).to(dev)
+        self.ropes: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.gelu_table = torch.from_numpy(gelu_table()).to(dev)
         self.use_graphs = self.device.type == "cuda"
 
     @property
     def nbytes(self) -> int:
-        total = sum(w.nbytes for L in self.layers for v in L.values()
-                    for w in (v if isinstance(v, list) else [v]) if isinstance(w, ops.GWeight))
+        total = sum(w.nbytes for L in self.layers for w in L.qkv + L.gate_up + [L.wo, L.down])
         return total + (self.output.nbytes if self.head else 0)
 
     def host_matmul(self, x: np.ndarray, w) -> np.ndarray:
@@ -164,28 +260,24 @@ class GpuLayers:
     def new_cache(self, n_ctx: int, k_dtype=np.float32, v_dtype=np.float32) -> GpuCache:
         """The device layers' cache; keys and values float32 or float16 (--cache-type-k/v)."""
         c = self.config
-        sizes, windows = [], []
-        for il in range(self.first, c.n_layer):
-            swa = c.is_swa(il)
-            sizes.append(min(n_ctx, c.sliding_window + UBATCH) if swa else n_ctx)
-            windows.append(c.sliding_window if swa else 0)
+        windows = self.decoder.windows[self.first:]
+        sizes = [min(n_ctx, w + UBATCH) if w else n_ctx for w in windows]
         self._rope_tables(n_ctx)
         tt = {np.dtype(np.float32): torch.float32, np.dtype(np.float16): torch.float16}
         return GpuCache(sizes, c.n_head_kv, c.head_dim, c.head_dim_v, windows, self.device,
                         tt[np.dtype(k_dtype)], tt[np.dtype(v_dtype)])
 
     def _rope_tables(self, n_ctx: int) -> None:
-        """cos/sin for positions 0..n_ctx-1 per rope kind, computed as the CPU does."""
+        """cos/sin for positions 0..n_ctx-1 per rope table, computed as the CPU does."""
         c = self.config
         pos = np.arange(n_ctx)
-        for swa in {c.is_swa(il) for il in range(self.first, c.n_layer)}:
-            have = self._ropes.get(swa)
+        for key in self.decoder.ropes(self.first, c.n_layer):
+            have = self.ropes.get(key)
             if have is not None and have[0].shape[0] >= n_ctx:
                 continue
-            base, scale = (c.rope_base_swa, 1.0) if swa else (c.rope_base, c.rope_scale)
-            cos, sin = rope_cache(pos, c.n_rot, base, scale, self.model.rope_freqs)
-            self._ropes[swa] = (torch.from_numpy(cos).to(self.device),
-                                torch.from_numpy(sin).to(self.device))
+            cos, sin = rope_cache(pos, c.n_rot, key[0], key[1], self.model.rope_freqs)
+            self.ropes[key] = (torch.from_numpy(cos).to(self.device),
+                               torch.from_numpy(sin).to(self.device))
 
     # -- forward ----------------------------------------------------------------------
     def forward(self, x: np.ndarray, p0: int, cache: GpuCache, all_logits: bool) -> np.ndarray:
@@ -213,52 +305,24 @@ class GpuLayers:
              all_rows: bool) -> torch.Tensor:
         """The device layers for x at positions pos; attention reads the first n_attn
         cells of the full-context layers (> the last position)."""
-        c = self.config
+        dec, gops = self.decoder, GpuOps(self)
+        step = DeviceStep(pos, cache, n_attn)
         pend = None   # the last layer's FFN output and post-FFN norm, not yet added to x
         for i, L in enumerate(self.layers):
-            x, pend = self._layer(self.first + i, L, x, pend, pos, cache, i, n_attn)
+            step.i = i
+            x, pend = dec.layer(gops, self.first + i, L, x, pend, step)
         if not self.head:
-            f, w = pend
-            return x + (f if w is None else _rms_norm(f, w, c.eps))
-        if not all_rows:
-            x, pend = x[-1:], (pend[0][-1:], pend[1])
+            return gops.finish(x, pend)
         # the last residual add and the output norm in one kernel, rounded for Q8_0 planes
-        q8 = self.output.planes is not None
-        _, *h = FK.norm(x.contiguous(), self.output_norm, c.eps, pend[0].contiguous(), pend[1], quant=q8)
-        logits = ops.matmul_q8(*h, self.output) if q8 else ops.matmul(h[0], self.output)
-        if c.final_softcap:
-            logits = torch.tanh(logits * (1.0 / c.final_softcap)) * c.final_softcap
-        return logits
+        return dec.head(gops, x, pend, self.output_norm, self.output, all_rows)
 
-    def _layer(self, il: int, L: dict, x: torch.Tensor, pend: tuple | None, pos: torch.Tensor,
-               cache: GpuCache, i: int, n_attn: int) -> tuple[torch.Tensor, tuple]:
-        """One layer; returns (x, (f, w)): the FFN output f and the post-FFN norm w are left
-        for the next layer's norm kernel to add. ``pend`` is the previous layer's pair."""
-        c = self.config
-        kc, vc, pc = cache.k[i], cache.v[i], cache.pos[i]
-        # the decode attention kernel: not from an F16 value cache, whose softmax weights the
-        # CPU rounds after normalizing (torch's attention below does the same)
-        kernel = x.shape[0] == 1 and vc.dtype == torch.float32
-        q8 = L["fused"] and kernel   # decode through Q8_0 planes: rounded activations
-        x, *h = FK.norm(x, L["attn_norm"], c.eps, *(pend or (None, None)), quant=q8)
-        qkv = ops.matmul_q8(*h, L["qkv"][0]) if q8 else ops.matmul_group(h[0], L["qkv"])
-        size, window = cache.sizes[i], cache.windows[i]
-        cos_t, sin_t = self._ropes[c.is_swa(il)]
-        q = FK.prep(qkv, pos, cos_t, sin_t, kc, vc, pc, L["bqkv"], L["q_norm"], L["k_norm"],
-                    c.n_head, c.n_head_kv, c.head_dim, c.head_dim_v, c.eps, c.traits.rope,
-                    c.attn_scale if c.traits.q_scale_on_q else None, size)
-        m = size if window else min(size, n_attn)
-        scale = 1.0 if c.traits.q_scale_on_q else c.attn_scale
-        if kernel:   # decode: two Triton launches reading the cache in place
-            a = decode_attention(q, kc, vc, pc, pos, scale, window, m, quant=q8)
-        else:
-            a = _attention(q, kc[:m], vc[:m], pc[:m], pos, scale, window)
-        o = ops.matmul_q8(*a, L["wo"]) if q8 else ops.matmul(a, L["wo"])
-        x, *h = FK.mid(x, o, L["post_attn_norm"], L["ffn_norm"], c.eps, quant=q8)
-        gu = ops.matmul_q8(*h, L["gate_up"][0]) if q8 else ops.matmul_group(h[0], L["gate_up"])
-        g = FK.act(gu, c.n_ff, c.traits.act, self._gelu_table, quant=q8)
-        f = ops.matmul_q8(*g, L["down"]) if q8 else ops.matmul(g, L["down"])
-        return x, (f, L["post_ffn_norm"])
+    def run_layer(self, i: int, x: torch.Tensor, pos: torch.Tensor, cache: GpuCache,
+                  n_attn: int) -> torch.Tensor:
+        """Device layer i alone (its hidden state out, residual added), for checks."""
+        gops = GpuOps(self)
+        step = DeviceStep(pos, cache, n_attn, i)
+        x, pend = self.decoder.layer(gops, self.first + i, self.layers[i], x, None, step)
+        return gops.finish(x, pend)
 
     # -- CUDA graphs for decode ---------------------------------------------------------
     def _decode_graph(self, x: np.ndarray, p: int, cache: GpuCache) -> torch.Tensor:

@@ -1,8 +1,8 @@
 """The glue between matrix products, one Triton kernel each (a program per token):
 
-* ``_norm``: [x += the previous layer's FFN output (after its post-FFN norm)],
-  h = rms_norm(x) * w (the attention input).
-* ``_mid``: x += [rms_norm(o) * w_post | o], h = rms_norm(x) * w_ffn (the FFN input).
+* ``_norm``: [x += r, or rms_norm(r) * r_w: the previous layer's FFN output after its
+  post-FFN norm, or the attention output after its post-attention norm],
+  h = rms_norm(x) * w (the attention or the FFN input, or the output head's).
 * ``_act``: act(gate) * up (SiLU, or ggml's fp16 GELU table) (the ffn_down input).
 * ``_prep``: q|k|v -> [bias], [q/k norms], rope, the cache write, the queries (a program
   per token and q|k head).
@@ -28,7 +28,7 @@ from ggforge.runtime.gpu import pdl
 from ggforge.runtime.gpu.q8_kernels import _round_q8_0, act_buffers
 
 # warps a program of each glue kernel (scripts/device/glue_sweep.py times the choices)
-WARPS = {"norm": 4, "mid": 4, "act": 4, "prep": 4}
+WARPS = {"norm": 4, "act": 4, "prep": 4}
 
 
 @triton.jit
@@ -71,21 +71,6 @@ def _norm(x, r, r_w, w, x_out, xq, xd, n, eps, HAS_R: tl.constexpr, R_NORM: tl.c
         xv += rv
         tl.store(x_out + t * n + k, xv, mask=m)
     _store(_rms(xv, tl.load(w + k, mask=m, other=0.0), n, eps, True), xq, xd, t, n, QUANT, BN)
-
-
-@triton.jit
-def _mid(x, o, w_post, w_ffn, x_out, xq, xd, n, eps, HAS_POST: tl.constexpr, QUANT: tl.constexpr,
-         BN: tl.constexpr):
-    pdl.start()
-    t = tl.program_id(0).to(tl.int64)
-    k = tl.arange(0, BN)[None, :]
-    m = k < n
-    ov = tl.load(o + t * n + k, mask=m, other=0.0)
-    if HAS_POST:
-        ov = _rms(ov, tl.load(w_post + k, mask=m, other=0.0), n, eps, True)
-    xv = tl.load(x + t * n + k, mask=m, other=0.0) + ov
-    tl.store(x_out + t * n + k, xv, mask=m)
-    _store(_rms(xv, tl.load(w_ffn + k, mask=m, other=0.0), n, eps, True), xq, xd, t, n, QUANT, BN)
 
 
 @triton.jit
@@ -133,20 +118,6 @@ def norm(x: torch.Tensor, w: torch.Tensor, eps: float, r: torch.Tensor | None = 
                     float(eps), HAS_R=r is not None, R_NORM=r_w is not None, QUANT=quant,
                     BN=triton.next_power_of_2(n), num_warps=WARPS["norm"], enable_fp_fusion=False,
                     **pdl.LAUNCH)
-    return (x_out, xq, xd) if quant else (x_out, xq)
-
-
-def mid(x: torch.Tensor, o: torch.Tensor, w_post: torch.Tensor | None, w_ffn: torch.Tensor,
-        eps: float, quant: bool = True):
-    """x' = x + [rms_norm(o) * w_post | o]; the FFN input rms_norm(x') * w_ffn: (x', quants,
-    scales) when ``quant``, else (x', h)."""
-    n_tok, n = x.shape
-    x_out = torch.empty_like(x)
-    xq, xd = _out(n_tok, n, quant, x.device)
-    _mid[(n_tok,)](x, o, w_ffn if w_post is None else w_post, w_ffn, x_out, xq, xd, n,
-                   float(eps), HAS_POST=w_post is not None, QUANT=quant,
-                   BN=triton.next_power_of_2(n), num_warps=WARPS["mid"], enable_fp_fusion=False,
-                   **pdl.LAUNCH)
     return (x_out, xq, xd) if quant else (x_out, xq)
 
 

@@ -5,7 +5,7 @@ from ggforge.runtime.gpu import ops, triton_kernels as K
 from ggforge.runtime.model import Model
 m = Model(sys.argv[1]); m.offload(m.config.n_layer + 1)
 L = m.gpu.layers[0]
-for name, w in [("qkv", L["qkv"][0]), ("down", L["down"]), ("output", m.gpu.output)]:
+for name, w in [("qkv", L.qkv[0]), ("down", L.down), ("output", m.gpu.output)]:
     x = torch.randn((1, w.n_in), device="cuda"); out = torch.empty((1, w.n_out), device="cuda")
     tab = ops._table(x.device); res = []
     for bm in (1, 2, 4, 8):

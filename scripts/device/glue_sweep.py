@@ -29,7 +29,6 @@ for name, (n, n_ff, n_head, n_kv, d) in SHAPES.items():
     cos_t, sin_t = torch.randn((4096, d // 2), device=dev), torch.randn((4096, d // 2), device=dev)
     cases = {
         "norm": lambda: F.norm(x, w, 1e-5, r=r),
-        "mid": lambda: F.mid(x, r, None, w, 1e-5),
         "act": lambda: F.act(gu, n_ff, "silu", table),
         "prep": lambda: F.prep(qkv, pos, cos_t, sin_t, kc, vc, pc, None, None, None, n_head, n_kv,
                                d, d, 1e-5, "norm", None, cells),

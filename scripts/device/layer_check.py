@@ -8,7 +8,6 @@ import sys
 import numpy as np
 import torch
 
-from ggforge.runtime.gpu import backend
 from ggforge.runtime.model import Model
 
 PROMPT = [2, 4077, 3355, 496, 990, 236764, 528, 496, 1944, 13610, 236764]
@@ -18,26 +17,17 @@ def rel(a, b) -> float:
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
 
-def finish(x, pend, eps):
-    """A device layer's output with its FFN output added (the next layer's norm does it)."""
-    f, w = pend
-    return (x + (f if w is None else backend._rms_norm(f, w, eps))).cpu().numpy()
-
-
 def cpu_states(path, toks):
     """Hidden state entering each layer, the last layer's output, and the logits (CPU)."""
     m = Model(path)
     states = []
-    orig = m._layer
 
-    def rec(il, L, x, *a, **k):
+    def rec(il, x):
         states.append(x.copy())
-        return orig(il, L, x, *a, **k)
 
-    m._layer = rec
     cache = m.new_cache(64)
-    logits = m.forward(np.asarray(toks), cache, all_logits=True)
-    step = m.forward(np.asarray([toks[-1]]), cache)       # one decode step after the prompt
+    logits = m.forward(np.asarray(toks), cache, all_logits=True, observe=rec)
+    step = m.forward(np.asarray([toks[-1]]), cache, observe=rec)   # one decode step after the prompt
     n_layer = m.config.n_layer
     dec_states = states[n_layer:]
     m.close()
@@ -56,7 +46,7 @@ def main(path):
     for i, L in enumerate(g.layers):
         cache = g.new_cache(64)
         x = torch.from_numpy(states[i]).to(g.device)
-        y = finish(*g._layer(i, L, x, None, pos, cache, i, len(toks)), c.eps)
+        y = g.run_layer(i, x, pos, cache, len(toks)).cpu().numpy()
         want = states[i + 1] if i + 1 < c.n_layer else None
         if want is not None:
             print(f"  layer {i:2d}: {rel(y, want):.2e}  (input rms {np.sqrt((states[i]**2).mean()):.3g})")
@@ -75,9 +65,9 @@ def main(path):
     for i, L in enumerate(g.layers[:-1]):
         x = torch.from_numpy(dec_states[i]).to(g.device)
         hi = cache.gpu.hi
-        y = finish(*g._layer(i, L, x, None, p, cache.gpu, i, len(toks) + 1), c.eps)
+        y = g.run_layer(i, x, p, cache.gpu, len(toks) + 1).cpu().numpy()
         cache.gpu.hi = hi
-        print(f"  layer {i:2d}: {rel(y, dec_states[i + 1]):.2e}  fused={L['fused']}")
+        print(f"  layer {i:2d}: {rel(y, dec_states[i + 1]):.2e}  fused={L.fused}")
     m.close()
 
 
