@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 from gguf import GGMLQuantizationType
 
+from ggforge.formats.units import human_bytes
 from ggforge.runtime.config import ModelConfig
 from ggforge.runtime.decoder import layer_windows
 
@@ -130,37 +131,8 @@ class Plan:
     def fits(self) -> bool:
         return self.device_free is None or self.gpu_total <= self.device_free
 
-    def render(self) -> str:
-        from ggforge.tools.table import format_table, human_bytes as hb
-
-        rows = []
-        for L in self.layers:
-            rows.append([f"blk.{L.index}", "swa" if L.swa else "full", L.device, hb(L.weights),
-                         L.cells, hb(L.kv)])
-        rows.append(["token_embd", "", "cpu", hb(self.embd_bytes), "", ""])
-        rows.append(["output", "", "gpu" if self.head_on_gpu else "cpu", hb(self.head_bytes), "", ""])
-        out = [format_table(["layer", "attention", "device", "weights", "KV cells", "KV"], rows), ""]
-        out.append(f"gpu layers: {self.gpu_layers} of {self.n_layer + 1} "
-                   f"(the last {min(self.gpu_layers, self.n_layer)} repeating layers"
-                   f"{' + output' if self.head_on_gpu else ''}); context {self.n_ctx}")
-        out.append(f"KV cache ({self.kv_types}): " + "; ".join(self.kv_formula))
-        gpu = [["weights", hb(self.gpu_weights)], ["KV cache", hb(self.gpu_kv)],
-               ["scratch (one batch of %d tokens)" % UBATCH, hb(self.scratch if self.gpu_layers else 0)],
-               ["margin", hb(self.margin if self.gpu_layers else 0)],
-               ["total", hb(self.gpu_total)]]
-        if self.device_free is not None:
-            gpu.append(["device free", hb(self.device_free)])
-            gpu.append(["fits", "yes" if self.fits else "NO"])
-        cpu = [["weights (mapped from the file)", hb(sum(L.weights for L in self.layers if L.device == "cpu")
-                                                     + self.embd_bytes
-                                                     + (0 if self.head_on_gpu else self.head_bytes))],
-               ["KV cache", hb(self.cpu_kv)]]
-        out += ["", format_table(["GPU", "bytes"], gpu), "", format_table(["CPU", "bytes"], cpu)]
-        return "\n".join(out)
-
     def summary(self) -> str:
-        from ggforge.tools.table import human_bytes as hb
-
+        hb = human_bytes
         free = f", {hb(self.device_free)} free" if self.device_free is not None else ""
         return (f"{self.gpu_layers} GPU layers need {hb(self.gpu_total)} on the device "
                 f"(weights {hb(self.gpu_weights)} + KV {hb(self.gpu_kv)} + scratch "

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from ggforge.formats import atomic
 from ggforge.formats.gguf_reader import GGUFFile
-from ggforge.tools.cli import cli, quantize_cmd
+from ggforge.tools.cli import cli
 
 
 def _run(args, **kw):

@@ -25,6 +25,7 @@ from ggforge.runtime.kernels import get_rows as cpu_get_rows
 from ggforge.runtime.kernels import matmul as cpu_matmul
 from ggforge.runtime.sampling import SamplerSettings
 from ggforge.tools.cli import cli
+from ggforge.tools.plan_view import render_plan
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
@@ -110,25 +111,48 @@ def test_q8_0_planes_and_byte_path_agree():
         assert np.array_equal(got, cpu_get_rows(qw, ids))
 
 
-def test_q8_0_decode_tiles_by_shape(tmp_path, monkeypatch):
+def test_q8_0_decode_tiles_by_shape(tmp_path):
     """Wide products (both sides >= 4,096) step 2,048 columns, narrower ones 512; a tile
-    file from scripts/device/q8_sweep.py (GGFORGE_Q8_TILES) takes precedence."""
+    file from scripts/device/q8_sweep.py, set through the settings, takes precedence; a
+    malformed one is one ValueError naming the file."""
+    from ggforge.runtime import gpu
+    from ggforge.runtime.gpu import settings
+
     assert ops.q8_gemv_tiles(4096, 11008)["BK"] == 2048
     assert ops.q8_gemv_tiles(2048, 5632)["BK"] == 512
     f = tmp_path / "tiles.json"
     f.write_text('{"2048x5632": {"BM": 2, "BK": 1024, "num_warps": 2}}')
-    monkeypatch.setenv("GGFORGE_Q8_TILES", str(f))
-    ops._tile_file.cache_clear()
     try:
+        gpu.configure(q8_tiles=settings.read_tile_file(f))
         assert ops.q8_gemv_tiles(2048, 5632) == {"BM": 2, "BK": 1024, "num_warps": 2}
         assert ops.q8_gemv_tiles(4096, 11008)["BK"] == 2048
-        for bad in ('{"2048x5632": {"BM": 2}}', "not json", "[1]"):
-            f.write_text(bad)
-            ops._tile_file.cache_clear()
-            with pytest.raises(ValueError, match="GGFORGE_Q8_TILES=.*tiles.json"):
-                ops.q8_gemv_tiles(2048, 5632)
     finally:
-        ops._tile_file.cache_clear()
+        gpu.configure(q8_tiles={})
+    assert ops.q8_gemv_tiles(2048, 5632)["BK"] == 512
+    for bad in ('{"2048x5632": {"BM": 2}}', "not json", "[1]"):
+        f.write_text(bad)
+        with pytest.raises(ValueError, match=r".*tiles\.json: not a tile"):
+            settings.read_tile_file(f)
+    with pytest.raises(ValueError, match="q8_tiles: not a tile table"):
+        gpu.configure(q8_tiles={"1x1": {"BM": 0, "BK": 1, "num_warps": 1}})
+    with pytest.raises(TypeError):
+        gpu.configure(pdl_on=True)
+
+
+def test_pdl_is_a_setting():
+    """PDL follows settings.pdl where the GPU has it and is never asked of one that
+    does not (Triton's interpreter here)."""
+    from ggforge.runtime import gpu
+    from ggforge.runtime.gpu import pdl
+
+    try:
+        for asked in (None, True, False):
+            gpu.configure(pdl=asked)
+            want = pdl.CAPABLE if asked is None else asked and pdl.CAPABLE
+            assert pdl.enabled() == want
+            assert pdl.launch() == ({"launch_pdl": True} if want else {})
+    finally:
+        gpu.configure(pdl=None)
 
 
 def test_grouped_weights_are_one_launch_and_equal():
@@ -426,7 +450,7 @@ def test_plan_counts_layers_as_llama_cpp(q4km):
         mixed = placement.make_plan(g, c, 128, "all", kv_bytes=(2, 4))
         assert mixed.gpu_kv == sum((ring if s else 128) * c.n_head_kv * (c.head_dim * 2 + c.head_dim_v * 4)
                                    for s in swa)
-        assert "KV cache (K float16, V float32)" in mixed.render()
+        assert "KV cache (K float16, V float32)" in render_plan(mixed)
 
 
 def test_auto_takes_the_most_layers_that_fit_and_all_fails_with_numbers(q4km):

@@ -209,6 +209,7 @@ def _print_plan(path: str, ctx_size: int | None, gpu_memory: str | None, gpu_lay
     from ggforge.runtime.gpu import cuda_free_memory
     from ggforge.runtime.kv_cache import cache_dtype
     from ggforge.runtime.placement import make_plan, parse_bytes, parse_gpu_layers
+    from ggforge.tools.plan_view import render_plan
 
     with GGUFFile.open(path) as g:
         config = ModelConfig.from_gguf(g)
@@ -220,7 +221,7 @@ def _print_plan(path: str, ctx_size: int | None, gpu_memory: str | None, gpu_lay
         plan = make_plan(g, config, n_ctx, n, free, kv_bytes=tuple(cache_dtype(t).itemsize for t in kv_types))
     click.echo(f"{path}: {config.arch}, {config.n_layer} layers, "
                + (f"--gpu-layers {gpu_layers}" if gpu_layers is not None else f"--gpu-layers {n} (default)"))
-    click.echo(plan.render())
+    click.echo(render_plan(plan))
     if not plan.fits:
         raise click.exceptions.Exit(1)
 

@@ -124,15 +124,26 @@ def chat_cmd(model: str, system: str | None, n_predict: int, **kw) -> None:
               help="GPU benchmark at these layer counts, comma-separated (numbers, 'half', 'all'), e.g. 0,half,all.")
 @click.option("--llama-bench", "llama_bench_bin", default=None,
               help="llama.cpp's llama-bench binary (a CUDA build) to compare the GPU figures with.")
+@click.option("--no-pdl", is_flag=True, help="GPU: no programmatic dependent launch (on by default on Hopper).")
+@click.option("--q8-tiles", type=click.Path(dir_okay=False), default=None,
+              help="GPU: Q8_0 decode tiles by shape, a JSON file of scripts/device/q8_sweep.py.")
 @one_line_errors
 def bench_cmd(model: str, n_prompt: int, n_gen: int, repeat: int, threads: int | None,
-              gpu_layers: str | None, llama_bench_bin: str | None) -> None:
+              gpu_layers: str | None, llama_bench_bin: str | None, no_pdl: bool,
+              q8_tiles: str | None) -> None:
     """Prompt (pp) and generation (tg) tokens/s of ggforge beside llama.cpp, same file, same threads."""
     from pathlib import Path
 
     from ggforge.runtime.bench import bench_ggforge, bench_llama_cpp
 
     if gpu_layers is not None:
+        from ggforge.runtime import gpu
+
+        gpu.configure(pdl=False if no_pdl else None)
+        if q8_tiles:
+            from ggforge.runtime.gpu import settings
+
+            gpu.configure(q8_tiles=settings.read_tile_file(q8_tiles))
         _bench_gpu(Path(model), n_prompt, n_gen, repeat, threads, gpu_layers, llama_bench_bin)
         return
 

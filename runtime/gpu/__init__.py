@@ -52,3 +52,11 @@ def backend_for(model, first: int, head: bool, device=None):
     from ggforge.runtime.gpu.backend import GpuLayers
 
     return GpuLayers(model, first, head, dev)
+
+
+def configure(**changes):
+    """Change the GPU backend's settings (runtime/gpu/settings.py: ``pdl``, ``q8_tiles``)."""
+    _torch()
+    from ggforge.runtime.gpu import settings
+
+    return settings.configure(**changes)

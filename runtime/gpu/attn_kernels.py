@@ -158,12 +158,12 @@ def decode_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, pc: to
                                       float(np.float32(scale)),
                                       int(window), m, n_head_kv, g, CPS=per, D=d, DV=dv, G=G,
                                       DP=DP, DVP=DVP, BN=bn, K_F16=kc.dtype == torch.float16, DOT=dot,
-                                      num_warps=WARPS, enable_fp_fusion=False, **pdl.LAUNCH)
+                                      num_warps=WARPS, enable_fp_fusion=False, **pdl.launch())
     out = torch.empty((1, n_head * dv), dtype=torch.float32, device=dev)
     xq = torch.empty((1, n_head * dv), dtype=torch.int8, device=dev) if quant else out
     xd = torch.empty((1, n_head * dv // 32), dtype=torch.float32, device=dev) if quant else out
     sp = max(2, triton.next_power_of_2(n_split))
     _attn_combine[(n_head,)](pm, pl, pacc, out, xq, xd, n_split, g, DV=dv, G=G, DVP=DVP,
                              SP=sp, SC=min(sp, COMBINE_SPLITS), QUANT=quant, num_warps=4,
-                             enable_fp_fusion=False, **pdl.LAUNCH)
+                             enable_fp_fusion=False, **pdl.launch())
     return (xq, xd) if quant else out

@@ -117,7 +117,7 @@ def norm(x: torch.Tensor, w: torch.Tensor, eps: float, r: torch.Tensor | None = 
     _norm[(n_tok,)](x, x if r is None else r, w if r_w is None else r_w, w, x_out, xq, xd, n,
                     float(eps), HAS_R=r is not None, R_NORM=r_w is not None, QUANT=quant,
                     BN=triton.next_power_of_2(n), num_warps=WARPS["norm"], enable_fp_fusion=False,
-                    **pdl.LAUNCH)
+                    **pdl.launch())
     return (x_out, xq, xd) if quant else (x_out, xq)
 
 
@@ -129,7 +129,7 @@ def act(gu: torch.Tensor, n_ff: int, kind: str, gelu_table: torch.Tensor, quant:
     bk = 128 if n_ff % 128 == 0 or not quant else 32
     _act[(n_tok, triton.cdiv(n_ff, bk))](gu, gelu_table, xq, xd, n_ff, GELU=kind == "gelu",
                                           QUANT=quant, BK=bk, num_warps=WARPS["act"], enable_fp_fusion=False,
-                                          **pdl.LAUNCH)
+                                          **pdl.launch())
     return (xq, xd) if quant else xq
 
 
@@ -211,5 +211,5 @@ def prep(qkv, pos, cos_t, sin_t, kc, vc, pc, bias, q_norm, k_norm, n_head: int, 
         HALF=n_rot_half, DP=triton.next_power_of_2(d), DVP=triton.next_power_of_2(dv),
         NEOX=rope != "norm", HAS_B=bias is not None, HAS_NORM=q_norm is not None,
         QSCALE=q_scale is not None, num_warps=WARPS["prep"], enable_fp_fusion=False,
-        **pdl.LAUNCH)
+        **pdl.launch())
     return q

@@ -189,12 +189,12 @@ def matmul_k(x: torch.Tensor, data: torch.Tensor, kind: str, n_out: int, n_in: i
     xd = torch.empty((n_tok, n_in // 256), dtype=torch.float32, device=dev)
     xs = torch.empty((n_tok, n_in // 16), dtype=torch.int32, device=dev)
     _quant_q8k[(n_tok, n_in // 256)](x, xq, xd, xs, n_in, num_warps=4, enable_fp_fusion=False,
-                                      **pdl.LAUNCH)
+                                      **pdl.launch())
     args = (data.view(torch.int32), xq.view(torch.int32), xd, xs, out, n_out, n_in)
     grid = (triton.cdiv(n_out, BM), n_tok)
     if kind == "q6_K":
-        _gemv_q6k[grid](*args, BM=BM, NS=NS, num_warps=num_warps, enable_fp_fusion=False, **pdl.LAUNCH)
+        _gemv_q6k[grid](*args, BM=BM, NS=NS, num_warps=num_warps, enable_fp_fusion=False, **pdl.launch())
     else:
         _gemv_q4k[grid](*args, BM=BM, NS=NS, Q5=kind == "q5_K", num_warps=num_warps,
-                        enable_fp_fusion=False, **pdl.LAUNCH)
+                        enable_fp_fusion=False, **pdl.launch())
     return out

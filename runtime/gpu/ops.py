@@ -9,12 +9,8 @@ kernel (prefill); both dequantize inside the kernel (triton_kernels.py).
 """
 from __future__ import annotations
 
-import functools
-import json
-import os
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,15 +20,12 @@ from ggforge.formats.quants.k_common import KVALUES_IQ4NL
 from ggforge.runtime.kernels import QWeight, vec_dot_type
 from ggforge.runtime.placement import DEVICE_BLOCKS
 
-if not torch.cuda.is_available():  # the CPU runs the same kernels in Triton's interpreter
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+import triton
 
-import triton  # noqa: E402
-
-from ggforge.runtime.gpu import k4_kernels as K4  # noqa: E402
-from ggforge.runtime.gpu import pdl  # noqa: E402
-from ggforge.runtime.gpu import q8_kernels as Q8  # noqa: E402
-from ggforge.runtime.gpu import triton_kernels as K  # noqa: E402
+from ggforge.runtime.gpu import k4_kernels as K4
+from ggforge.runtime.gpu import pdl, settings
+from ggforge.runtime.gpu import q8_kernels as Q8
+from ggforge.runtime.gpu import triton_kernels as K
 
 ACT = K.ACT_CODES
 FLOATS = {int(T.F32): torch.float32, int(T.F16): torch.float16, int(T.BF16): torch.bfloat16}
@@ -44,7 +37,7 @@ DECODE_MAX_TOKENS = 16
 _K_WORDS = {int(T.Q4_K): "q4_K", int(T.Q5_K): "q5_K", int(T.Q6_K): "q6_K"}   # k4_kernels
 _BLOCK32_WORDS = (int(T.Q4_0), int(T.Q5_0))   # q8_kernels._gemv_q5_0
 # Triton's interpreter pays per program: give it few, large tiles
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+INTERPRET = settings.INTERPRET
 _TABLES: dict[torch.device, torch.Tensor] = {}
 
 
@@ -139,7 +132,7 @@ def matmul(x: torch.Tensor, w: GWeight, out: torch.Tensor | None = None) -> torc
         grid = (triton.cdiv(w.n_out, bm), n_tok)
         K._gemv[grid](w.data, x, out, tab, w.n_out, w.n_in, w.row_stride,
                       TYPE=w.ggml_type, ACT=w.act, BM=bm, BK=bk, num_warps=nw, enable_fp_fusion=False,
-                      **pdl.LAUNCH)
+                      **pdl.launch())
     else:
         bt, bm = (64, 128) if INTERPRET else (32, 32)
         bk = min(w.bk, 128) if w.act != ACT["q8_K"] else 256
@@ -162,29 +155,14 @@ Q8_GEMM = dict(BT=64, BM=128, BK=64, num_warps=4)
 
 
 def q8_gemv_tiles(n_out: int, n_in: int) -> dict:
-    """Decode tiles for a Q8_0-planar product of this shape (GGFORGE_Q8_TILES: a tile file
-    written by scripts/device/q8_sweep.py, to try a sweep's choice before it is made the
-    default here)."""
-    tiles = _tile_file().get(f"{n_out}x{n_in}")
+    """Decode tiles for a Q8_0-planar product of this shape (settings.q8_tiles, e.g. a
+    sweep's file read by settings.read_tile_file, first: to try a sweep's choice before
+    it is made the default here)."""
+    tiles = settings.current().q8_tiles.get(f"{n_out}x{n_in}")
     if tiles is None:
         wide = min(n_out, n_in) >= 4096
         tiles = Q8_GEMV_SWEPT.get((n_out, n_in), Q8_GEMV_WIDE if wide else Q8_GEMV)
     return dict(tiles)
-
-
-@functools.cache
-def _tile_file() -> dict:
-    path = os.environ.get("GGFORGE_Q8_TILES")
-    if not path:
-        return {}
-    try:
-        tiles = json.loads(Path(path).read_text())
-        if not all(isinstance(v, dict) and sorted(v) == ["BK", "BM", "num_warps"]
-                   and all(type(n) is int and n > 0 for n in v.values()) for v in tiles.values()):
-            raise ValueError('each shape needs {"BM": int, "BK": int, "num_warps": int}')
-    except (OSError, ValueError, AttributeError) as e:
-        raise ValueError(f"GGFORGE_Q8_TILES={path}: not a tile file of q8_sweep.py ({e})") from None
-    return tiles
 
 
 def _matmul_q8_0(x: torch.Tensor, w: GWeight, out: torch.Tensor) -> torch.Tensor:
@@ -204,7 +182,7 @@ def matmul_q8(xq: torch.Tensor, xd: torch.Tensor, w: GWeight,
         cfg = dict(BM=128, BK=256, num_warps=4) if INTERPRET else q8_gemv_tiles(w.n_out, w.n_in)
         Q8._gemv[(triton.cdiv(w.n_out, cfg["BM"]), n_tok)](
             q.view(torch.int32), d, xq.view(torch.int32), xd, out, w.n_out, w.n_in, **cfg,
-            enable_fp_fusion=False, **pdl.LAUNCH)
+            enable_fp_fusion=False, **pdl.launch())
         return out
     cfg = dict(BT=64, BM=128, BK=128, num_warps=4) if INTERPRET else Q8_GEMM
     grid = (triton.cdiv(w.n_out, cfg["BM"]), triton.cdiv(n_tok, cfg["BT"]))

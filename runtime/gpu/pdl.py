@@ -1,5 +1,5 @@
-"""Programmatic dependent launch: on for Hopper and later GPUs (GGFORGE_PDL=0 turns it off,
-GGFORGE_PDL=1 asks for it elsewhere).
+"""Programmatic dependent launch: on for Hopper and later GPUs (``gpu.configure(pdl=False)``
+or ``ggforge bench --no-pdl`` turns it off).
 
 A decode step is ~10 dependent kernels a layer; between two of them the GPU idles while
 the next grid is launched (~2 us each in a CUDA graph on an H200, NOTES.md). With PDL
@@ -12,26 +12,29 @@ Off under Triton's interpreter, which has no PTX. Measured on an H200 (NOTES.md)
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from ggforge.runtime.gpu import settings
 
-def _wanted() -> bool:
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return False
-    asked = os.environ.get("GGFORGE_PDL")
-    if asked in ("0", "1"):
-        return asked == "1"
-    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+# the GPU has it (Hopper and later; not Triton's interpreter, which has no PTX): the
+# kernels then wait in start(), which is a no-op for a launch without the attribute
+CAPABLE = (not settings.INTERPRET and torch.cuda.is_available()
+           and torch.cuda.get_device_capability()[0] >= 9)
+_ON = tl.constexpr(CAPABLE)
 
 
-ON = _wanted()
-_ON = tl.constexpr(ON)
-LAUNCH = {"launch_pdl": True} if ON else {}   # launch options of the decode kernels
+def enabled() -> bool:
+    """PDL for the decode kernels: settings.pdl, or where the GPU has it."""
+    asked = settings.current().pdl
+    return CAPABLE if asked is None else bool(asked) and CAPABLE
+
+
+def launch() -> dict:
+    """The launch options of a decode kernel."""
+    return {"launch_pdl": True} if enabled() else {}
 
 
 @triton.jit

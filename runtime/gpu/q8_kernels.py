@@ -24,17 +24,15 @@ program of the product cost 3 to 4 times the product (NOTES.md).
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from ggforge.runtime.gpu import pdl
+from ggforge.runtime.gpu import pdl, settings
 
 from ggforge.runtime.gpu.triton_kernels import _rne
 
-_INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+_INTERPRET = tl.constexpr(settings.INTERPRET)
 
 
 @triton.jit
@@ -101,7 +99,7 @@ def quant_act(x: torch.Tensor) -> tuple:
     n_tok, n = x.shape
     xq, xd = act_buffers(n_tok, n, x.device)
     bk = 128 if n % 128 == 0 else 32
-    _quant_act[(n_tok, n // bk)](x.contiguous(), xq, xd, n, BK=bk, enable_fp_fusion=False, **pdl.LAUNCH)
+    _quant_act[(n_tok, n // bk)](x.contiguous(), xq, xd, n, BK=bk, enable_fp_fusion=False, **pdl.launch())
     return xq, xd
 
 
@@ -210,5 +208,5 @@ def matmul_q5_0(x: torch.Tensor, data: torch.Tensor, q5: bool, n_out: int, n_in:
     xq, xd = quant_act(x)
     _gemv_q5_0[(triton.cdiv(n_out, BM), n_tok)](data.view(torch.int32), xq.view(torch.int32), xd, out,
                                                  n_out, n_in, BM=BM, NB=NB, Q5=q5, num_warps=num_warps,
-                                                 enable_fp_fusion=False, **pdl.LAUNCH)
+                                                 enable_fp_fusion=False, **pdl.launch())
     return out

@@ -17,8 +17,8 @@ So these kernels compute the CPU backend's products up to float32 summation orde
 integer decode kernels of q8_kernels.py and k4_kernels.py, which decode the common types,
 equal them bit for bit).
 
-The same source runs on a CUDA GPU and, with ``TRITON_INTERPRET=1``, on the CPU (how the
-test suite checks every type without a GPU).
+The same source runs on a CUDA GPU and, in Triton's interpreter, on a machine without one
+(TRITON_INTERPRET=1, which the test suite sets without a GPU: how it checks every type).
 """
 from __future__ import annotations
 

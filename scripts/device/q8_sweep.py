@@ -39,7 +39,7 @@ def bench(fn):
     return do_bench_cudagraph(fn, rep=30, return_mode="median") * 1e3  # us
 
 
-TILES = {}   # the fastest decode tiles by shape, for GGFORGE_Q8_TILES (ops.q8_gemv_tiles)
+TILES = {}   # the fastest decode tiles by shape, for ggforge bench --q8-tiles (settings.q8_tiles)
 
 
 def decode(name, n_out, n_in):
