@@ -1,0 +1,70 @@
+"""The wheel holds every module of the source tree and each imports from it.
+
+pyproject.toml lists the packages by hand, and an editable install (the README's) reads
+the source tree, so a subpackage missing from that list would pass every other test and
+break every user's `pip install ggforge`. Here the wheel is built, installed into a fresh
+venv (no dependencies fetched: it sees this interpreter's packages, not this checkout),
+and every module is imported from there.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE_DIRS = ("formats", "convert", "runtime", "tools")
+
+
+def _source_modules() -> set[str]:
+    mods = {"ggforge"}
+    for top in PACKAGE_DIRS:
+        for f in (ROOT / top).rglob("*.py"):
+            rel = f.relative_to(ROOT).with_suffix("")
+            parts = ["ggforge", *rel.parts]
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            mods.add(".".join(parts))
+    return mods
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                        "-q", "-w", str(out), str(ROOT)], capture_output=True, text=True, cwd=out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (whl,) = out.glob("ggforge-*.whl")
+    return whl
+
+
+def test_wheel_holds_every_module(wheel):
+    names = zipfile.ZipFile(wheel).namelist()
+    in_wheel = {n[:-3].replace("/", ".").removesuffix(".__init__") for n in names
+                if n.startswith("ggforge/") and n.endswith(".py")}
+    missing = sorted(_source_modules() - in_wheel)
+    assert not missing, f"not in the wheel (pyproject.toml's package list?): {missing}"
+    assert not any(n.startswith("ggforge/tests/") or n.startswith("ggforge/scripts/") for n in names)
+
+
+def test_every_module_imports_from_the_installed_wheel(wheel, tmp_path):
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    py = venv / "bin" / "python"
+    r = subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    mods = sorted(m for m in _source_modules() if not m.endswith(".__main__"))  # runs the CLI
+    code = ("import importlib, sys, ggforge\n"
+            f"assert ggforge.__file__.startswith({str(venv)!r}), ggforge.__file__\n"
+            f"for m in {mods!r}:\n"
+            "    importlib.import_module(m)\n"
+            "print(len(sys.modules))\n")
+    r = subprocess.run([str(py), "-I", "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                       env={"PATH": "/usr/bin:/bin", "TRITON_INTERPRET": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = subprocess.run([str(venv / "bin" / "ggforge"), "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "quantize" in r.stdout, r.stderr[-2000:]
