@@ -8,6 +8,7 @@ and every module is imported from there.
 """
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -34,8 +35,13 @@ def _source_modules() -> set[str]:
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
+    # from a copy: setuptools would reuse a build/ folder left in the checkout, with the
+    # modules of an earlier build in it
+    src = out / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
+        ".git", "build", "dist", "*.egg-info", "__pycache__", "tests", "models", ".pytest_cache"))
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                        "-q", "-w", str(out), str(ROOT)], capture_output=True, text=True, cwd=out)
+                        "-q", "-w", str(out), str(src)], capture_output=True, text=True, cwd=out)
     assert r.returncode == 0, r.stderr[-2000:]
     (whl,) = out.glob("ggforge-*.whl")
     return whl
