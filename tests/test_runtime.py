@@ -47,6 +47,28 @@ def _llama_greedy(path, ids, n):
         llm.close()
 
 
+# Relative logit error against llama.cpp's one-token path on the same file, as measured
+# on the project's machines (x86-64 with AVX-512, llama-cpp-python 0.3.36, 2026-12-07, by
+# the two tests below): (PROMPT evaluated as one batch, the 24 steps of llama.cpp's greedy
+# continuation fed token by token). Each test holds its file to 3x its own figure (at
+# least 1e-6). F32 differs in the last bits of float32 sums (Gemma: its fp16 GELU table
+# steps); a quantized file can differ by 1e-2 where a last-bit difference flips a rounding
+# of the activations to Q8_0/Q8_K in a later layer, which random tiny models amplify.
+MEASURED = {
+    ("llama2", "F32"): (1.3e-6, 1.8e-6), ("llama2", "Q8_0"): (2.8e-3, 1.1e-2), ("llama2", "Q4_K_M"): (1.8e-7, 1.1e-2),
+    ("llama3", "F32"): (1.1e-6, 1.1e-6), ("llama3", "Q8_0"): (8.0e-8, 6.2e-3), ("llama3", "Q4_K_M"): (1.9e-7, 2.3e-3),
+    ("smollm", "F32"): (1.2e-6, 1.6e-6), ("smollm", "Q8_0"): (6.9e-3, 1.1e-2), ("smollm", "Q4_K_M"): (1.8e-7, 3.2e-4),
+    ("mistral", "F32"): (1.3e-6, 1.8e-6), ("mistral", "Q8_0"): (2.8e-3, 1.1e-2), ("mistral", "Q4_K_M"): (1.8e-7, 1.1e-2),
+    ("qwen2", "F32"): (1.1e-6, 7.8e-7), ("qwen2", "Q8_0"): (7.1e-3, 8.7e-3), ("qwen2", "Q4_K_M"): (1.1e-2, 1.5e-2),
+    ("qwen3", "F32"): (1.1e-6, 8.5e-7), ("qwen3", "Q8_0"): (9.6e-3, 1.1e-2), ("qwen3", "Q4_K_M"): (1.8e-7, 2.0e-7),
+    ("gemma3", "F32"): (1.1e-4, 8.7e-5), ("gemma3", "Q8_0"): (1.1e-2, 1.0e-2), ("gemma3", "Q4_K_M"): (1.9e-7, 1.3e-2),
+}
+
+
+def _bound(arch: str, ftype: str, which: int) -> float:
+    return max(3 * MEASURED[(arch, ftype)][which], 1e-6)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("ftype", TYPES)
 def test_logits_equal_llama_cpp(arch, ftype, gguf_file):
@@ -56,28 +78,37 @@ def test_logits_equal_llama_cpp(arch, ftype, gguf_file):
         ours = m.eval(ids)
     ref = llama_oracle.logits_stepwise(path, ids)
     err = float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
-    bound = 2e-3 if arch == "gemma3" else 1e-4  # Gemma's GELU table jumps at fp16 steps
-    if ftype != "F32":
-        # Known gap: a last-bit difference in one matmul (float summation order: llama.cpp's
-        # batched tinyBLAS/repacked paths and its one-token vec_dot path differ by up to 0.06
-        # on the same Q8_0 file) can flip a rounding in the next activation quantization, and
-        # that grows. Our kernels follow the vec_dot path. Measured: 1e-7 on most files, up
-        # to 2e-2 on some Q8_0 / Gemma files.
-        bound = 3e-2
-    assert err < bound, f"{arch} {ftype}: relative logit error {err:.3g}"
+    assert err < _bound(arch, ftype, 0), f"{arch} {ftype}: relative logit error {err:.3g}"
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("ftype", ["F32", "Q4_K_M", pytest.param("Q8_0", marks=pytest.mark.xfail(
-    strict=False, reason="last-bit float differences flip roundings in the Q8_0 activation "
-                         "quantization of later layers; llama.cpp's own batched and one-token "
-                         "paths disagree likewise"))])
-def test_greedy_continuation_equals_llama_cpp(arch, ftype, gguf_file):
+@pytest.mark.parametrize("ftype", TYPES)
+def test_greedy_continuation_follows_llama_cpp(arch, ftype, gguf_file):
+    """Our greedy continuation equals llama.cpp's (its one-token decode path) up to a step
+    where llama.cpp's top two logits are closer than our logits' distance from its own
+    there; fed llama.cpp's continuation token by token, our logits stay within the file's
+    measured error at every step, so such a near-tie is the only way the two can part."""
     path = gguf_file(arch, ftype)
+    n = 24
     with load(path) as m:
         ids = m.tokenize(PROMPT)
-        ours = list(m.generate_tokens(ids, max_tokens=24, settings=GREEDY))
-    assert ours == _llama_greedy(path, ids, 24)
+        ours_free = list(m.generate_tokens(ids, max_tokens=n, settings=GREEDY))
+        want = _llama_greedy(path, ids, n)
+        cache = m.model.new_cache(len(ids) + n)
+        rows = [m.model.forward(np.asarray(ids), cache)[-1]]
+        rows += [m.model.forward(np.asarray([t]), cache)[-1] for t in want[:-1]]
+    ours = np.stack(rows)                                                # (steps, n_vocab)
+    ref = llama_oracle.logits_stepwise(path, ids + want)[len(ids) - 1:len(ids) + len(want) - 1]
+    err = float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
+    assert err < _bound(arch, ftype, 1), f"{arch} {ftype}: teacher-forced logit error {err:.3g}"
+    k = next((i for i, (a, b) in enumerate(zip(ours_free, want)) if a != b), None)
+    if k is None:
+        assert ours_free == want
+        return
+    top2 = np.sort(ref[k])[-2:]
+    assert top2[1] - top2[0] <= 2 * np.abs(ours[k] - ref[k]).max(), (
+        f"{arch} {ftype}: parted from llama.cpp at step {k} ({ours_free[k]} vs {want[k]}) "
+        f"where its choice was clear")
 
 
 def test_tokenizer_ids_equal_llama_cpp(gguf_file):
