@@ -164,9 +164,9 @@ def load_ggml() -> GGML | None:
 
 def ggml_or_skip() -> GGML:
     """The oracle, or ``pytest.skip`` of the calling test or fixture (wrap it in a fixture)."""
-    import pytest
+    from require import missing
 
     ggml = load_ggml()
     if ggml is None:
-        pytest.skip("llama-cpp-python (libggml oracle) is not installed")
+        missing("llama-cpp-python (the libggml oracle)")
     return ggml

@@ -4,9 +4,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pytest
 
-llama_cpp = pytest.importorskip("llama_cpp")
+from require import require
+
+llama_cpp = require("llama_cpp")
 
 
 def load(path: Path, n_ctx: int = 256, cache: str = "f32"):

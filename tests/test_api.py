@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
+from require import require
 from click.testing import CliRunner
 
 import ggforge
@@ -129,7 +131,7 @@ def test_sampler_draws_follow_llama_cpps_chain(top_k, top_p, min_p, temp):
 def test_chat_renders_the_files_template_as_transformers(gguf, tiny_model, arch):
     """chat(): the prompt ids equal transformers' apply_chat_template of the same template
     and tokenizer; the greedy reply equals llama.cpp's continuation of those ids."""
-    transformers = pytest.importorskip("transformers")
+    transformers = require("transformers")
     hf = transformers.AutoTokenizer.from_pretrained(tiny_model(arch))
     messages = [{"role": "user", "content": "Hello there"}]
     want = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import pytest
 
+from require import require
+
 from ggforge.convert import bench
 from ggforge.convert.bench import bench_quantize
 
 
 def test_bench_quantize_times_both_tools_in_turns(tiny_model, tmp_path, monkeypatch):
-    pytest.importorskip("llama_cpp")
+    require("llama_cpp")
     runs: list[str] = []
     real = bench._timed
 

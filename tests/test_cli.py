@@ -10,6 +10,8 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
+
+from require import require
 from click.testing import CliRunner
 
 from ggforge.formats import atomic
@@ -170,7 +172,7 @@ def test_inspect_gguf_matches_gguf_py(model, tmp_path):
 
 
 def test_inspect_reads_llama_cpp_files(model, tmp_path):
-    llama_cpp = pytest.importorskip("llama_cpp")
+    llama_cpp = require("llama_cpp")
     f32 = tmp_path / "f32.gguf"
     assert _run(["quantize", str(model), "f32", "-o", str(f32), "--no-progress"]).exit_code == 0
     theirs = tmp_path / "theirs-q8.gguf"

@@ -10,6 +10,8 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+
+from require import require
 from click.testing import CliRunner
 from gguf import GGMLQuantizationType as T
 
@@ -27,8 +29,8 @@ from ggforge.runtime.sampling import SamplerSettings
 from ggforge.tools.cli import cli
 from ggforge.tools.plan_view import render_plan
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("triton")
+torch = require("torch")
+require("triton")
 from ggforge.runtime.gpu import backend, ops  # noqa: E402
 
 CUDA = torch.cuda.is_available()

@@ -13,6 +13,8 @@ import gguf
 import numpy as np
 import pytest
 
+from require import require
+
 import llama_oracle
 from conftest import LOGIT_ERRORS
 from ggforge.convert.mixes import FILE_TYPES, MixOptions
@@ -20,7 +22,7 @@ from ggforge.convert.pipeline import convert
 from ggforge.formats.gguf_reader import GGUFFile
 from ggforge.formats.gguf_writer import GGUFWriter
 
-llama_cpp = pytest.importorskip("llama_cpp")
+llama_cpp = require("llama_cpp")
 
 MIXES = [n for n, ft in FILE_TYPES.items() if ft.quantized]
 NAMED = ["Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K"]

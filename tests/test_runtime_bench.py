@@ -3,14 +3,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
+
+from require import require
 
 from ggforge.convert.pipeline import convert
 from ggforge.runtime import bench
 
 
 def test_engines_take_turns_and_llama_figures_are_kept(tiny_model, tmp_path, monkeypatch):
-    pytest.importorskip("llama_cpp")
+    require("llama_cpp")
     path = convert(tiny_model("llama2"), "Q8_0", tmp_path / "m.gguf").output
     runs: list[str] = []
 

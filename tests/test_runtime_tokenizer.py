@@ -16,6 +16,8 @@ from pathlib import Path
 
 import gguf
 import pytest
+
+from require import require
 from gguf import GGUFValueType as V
 
 from ggforge.convert.tokenizer import export_tokenizer
@@ -25,7 +27,7 @@ from ggforge.formats.gguf_writer import KV, GGUFWriter
 from ggforge.runtime.tokenizer import Tokenizer
 from tokenizer_factory import CORPUS_LINES, make_tokenizer
 
-llama_cpp = pytest.importorskip("llama_cpp")
+llama_cpp = require("llama_cpp")
 
 T = gguf.Keys.Tokenizer
 KINDS = {"llama2-spm": "llama", "gemma3-spm": "gemma3", "llama3-bpe": "llama", "qwen2-bpe": "qwen2",

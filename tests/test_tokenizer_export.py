@@ -18,6 +18,8 @@ from pathlib import Path
 
 import gguf
 import pytest
+
+from require import require
 from gguf import GGUFValueType as V
 
 from ggforge.convert.tokenizer import export_tokenizer, pretok, spm_proto
@@ -25,9 +27,9 @@ from ggforge.formats.errors import FormatError, UnsupportedModelError
 from ggforge.formats.gguf_writer import GGUFWriter, KV
 from tokenizer_factory import make_tokenizer
 
-llama_cpp = pytest.importorskip("llama_cpp")
-transformers = pytest.importorskip("transformers")
-tokenizers = pytest.importorskip("tokenizers")
+llama_cpp = require("llama_cpp")
+transformers = require("transformers")
+tokenizers = require("tokenizers")
 
 T = gguf.Keys.Tokenizer
 KINDS = {"llama2-spm": "llama", "gemma3-spm": "gemma3", "llama3-bpe": "llama", "qwen2-bpe": "qwen2",
