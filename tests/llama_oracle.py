@@ -48,3 +48,22 @@ def logits_stepwise(path: Path, token_ids: list[int], cache: str = "f32") -> np.
         return np.stack(rows)
     finally:
         llm.close()
+
+
+def greedy(path: Path, token_ids: list[int], n: int) -> list[int]:
+    """llama.cpp's greedy continuation of ``token_ids`` (the prompt as one batch, then its
+    one-token decode path), up to n tokens or an end-of-generation token."""
+    llm = load(path)
+    vocab = llama_cpp.llama_model_get_vocab(llm._model.model)
+    try:
+        llm.eval(token_ids)
+        out = []
+        for _ in range(n):
+            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            if llama_cpp.llama_vocab_is_eog(vocab, tok):
+                break
+            out.append(tok)
+            llm.eval([tok])
+        return out
+    finally:
+        llm.close()

@@ -32,22 +32,7 @@ def gguf(tiny_model, tmp_path_factory):
 
 
 def _llama_greedy(path, ids, n):
-    import llama_cpp
-
-    llm = llama_oracle.load(path)
-    vocab = llama_cpp.llama_model_get_vocab(llm._model.model)
-    try:
-        out = []
-        llm.eval(ids)
-        for _ in range(n):
-            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-            if llama_cpp.llama_vocab_is_eog(vocab, tok):
-                break
-            out.append(tok)
-            llm.eval([tok])
-        return out
-    finally:
-        llm.close()
+    return llama_oracle.greedy(path, ids, n)
 
 
 def test_readme_python_example(gguf):

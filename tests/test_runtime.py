@@ -29,22 +29,7 @@ def gguf_file(tiny_model, tmp_path_factory):
 
 
 def _llama_greedy(path, ids, n):
-    import llama_cpp
-
-    llm = llama_oracle.load(path)
-    vocab = llama_cpp.llama_model_get_vocab(llm._model.model)
-    try:
-        llm.eval(ids)
-        out = []
-        for _ in range(n):
-            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-            if llama_cpp.llama_vocab_is_eog(vocab, tok):
-                break
-            out.append(tok)
-            llm.eval([tok])
-        return out
-    finally:
-        llm.close()
+    return llama_oracle.greedy(path, ids, n)
 
 
 # Relative logit error against llama.cpp's one-token path on the same file, as measured
