@@ -74,3 +74,13 @@ def test_every_module_imports_from_the_installed_wheel(wheel, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     r = subprocess.run([str(venv / "bin" / "ggforge"), "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "quantize" in r.stdout, r.stderr[-2000:]
+
+
+def test_ci_runs_exactly_the_readme_setup_commands():
+    """.ci/run is the README's two set-up commands, in order, and nothing else (after cd)."""
+    readme = (ROOT / "README.md").read_text()
+    setup = readme[readme.index("## Set-up"):readme.index("\n## ", readme.index("## Set-up") + 1)]
+    commands = [line.strip() for line in setup.splitlines() if line.startswith("    ")]
+    script = (ROOT / ".ci" / "run").read_text().splitlines()
+    steps = [line for line in script if line and not line.startswith(("#", "set ", "cd "))]
+    assert len(commands) == 2 and steps == commands
