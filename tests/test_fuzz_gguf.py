@@ -354,10 +354,10 @@ def test_huge_block_count_is_checked_without_looping_over_it(tmp_path):
     kvs, _ = model_spec(random.Random(0))
     path = tmp_path / "vocab.gguf"
     path.write_bytes(build_gguf(_with(kvs, "llama.block_count", V.UINT64, 2**63), []))
-    t0 = time.perf_counter()
+    t0 = time.thread_time()
     with GGUFFile.open(path) as g:
         check_model_metadata(g)  # no layer tensors: nothing contradicts the count
-    assert time.perf_counter() - t0 < 0.5
+    assert time.thread_time() - t0 < 0.5
 
 
 def test_layer_numbers_far_apart_are_checked_without_a_range(tmp_path):
@@ -367,7 +367,7 @@ def test_layer_numbers_far_apart_are_checked_without_a_range(tmp_path):
     tensors = [(n.replace("blk.1.", f"blk.{10**15}."), *rest) for n, *rest in tensors]
     path = tmp_path / "gap.gguf"
     path.write_bytes(build_gguf(_with(kvs, "llama.block_count", V.UINT64, 2**63), tensors))
-    t0 = time.perf_counter()
+    t0 = time.thread_time()
     with GGUFFile.open(path) as g, pytest.raises(FormatError, match="no blk.1.. tensors"):
         check_model_metadata(g)
-    assert time.perf_counter() - t0 < 0.5
+    assert time.thread_time() - t0 < 0.5

@@ -456,7 +456,7 @@ def test_mutations_raise_only_format_error(tmp_path):
             data[at:at + 4] = struct.pack("<I", rnd.choice([0, 13, 9, 0xFFFFFFFF, 64, 99]))
         path = tmp_path / "m.gguf"
         path.write_bytes(bytes(data))
-        t0 = time.perf_counter()
+        t0 = time.thread_time()
         try:
             with GGUFFile.open(path) as g:
                 for name in g.tensors:
@@ -466,7 +466,7 @@ def test_mutations_raise_only_format_error(tmp_path):
         except FormatError as e:
             assert str(path) in str(e)
             outcomes["rejected"] += 1
-        assert time.perf_counter() - t0 < 1.0, f"mutation {i} took too long"
+        assert time.thread_time() - t0 < 1.0, f"mutation {i} took too long"
     assert outcomes["rejected"] > 100 and outcomes["ok"] > 0
 
 

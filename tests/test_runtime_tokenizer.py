@@ -324,14 +324,15 @@ def test_broken_metadata(exported):
 # -- speed --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["llama2-spm", "llama3-bpe"])
 def test_encode_10kb_is_fast(exported, kind):
-    """A fresh tokenizer (cold caches) encodes 10 kB of mixed text in well under 0.5 s."""
+    """A fresh tokenizer (cold caches) encodes 10 kB of mixed text in well under 0.5 s of
+    this thread's CPU time (not wall time: the machine is shared)."""
     rng = random.Random(0)
     lines = CORPUS_LINES * 4
     rng.shuffle(lines)
     text = "\n".join(lines).encode()[:10_000].decode("utf-8", "ignore")
     with GGUFFile.open(exported(kind)[1]) as g:
         tok = Tokenizer.from_metadata(g.metadata)
-    start = time.perf_counter()
+    start = time.thread_time()
     ids = tok.encode(text)
-    elapsed = time.perf_counter() - start
+    elapsed = time.thread_time() - start
     assert ids and elapsed < 0.5, elapsed
