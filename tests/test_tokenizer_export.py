@@ -332,12 +332,28 @@ def test_chat_template_files(exported, tmp_path):
 
 
 # -- pre-tokenizer identification -------------------------------------------------------------------
-def test_pretokenizer_hash_table(exported, monkeypatch):
-    e = exported("qwen2-bpe")
-    digest = pretok.chkhsh(e.tk)
-    monkeypatch.setitem(pretok.CHKHSH, digest, "deepseek-r1-qwen")
-    md = {kv.key: kv for kv in export_tokenizer(e.folder, "qwen2")}
-    assert md[T.PRE].value == "deepseek-r1-qwen"
+# llama.cpp's converter on the repository's own tokenizer (models/pystdlib-6m): the chkhsh
+# it printed when it refused the tokenizer as unknown ("BPE pre-tokenizer was not
+# recognized"), made with the bundled source of llama-cpp-python 0.3.36:
+#   cd vendor/llama.cpp && python -c "import sys; sys.path[:0] = ['.', 'gguf-py']
+#   from conversion.base import TextModel; from transformers import AutoTokenizer
+#   TextModel.get_vocab_base_pre(None, AutoTokenizer.from_pretrained('models/pystdlib-6m'))"
+PYSTDLIB_CHKHSH = "47342e2a3a208edf033ed014e2ad1be25b3649eda529b7bf6872e4bde97d28b0"
+EMBEDDED = Path(__file__).resolve().parent.parent / "models" / "pystdlib-6m"
+
+
+def test_pretokenizer_hash_is_llama_cpp_s():
+    """Our check text and hash give llama.cpp's converter's digest for the same tokenizer."""
+    assert pretok.chkhsh(tokenizers.Tokenizer.from_file(str(EMBEDDED / "tokenizer.json"))) == PYSTDLIB_CHKHSH
+
+
+def test_pretokenizer_hash_table(tmp_path, monkeypatch):
+    """A digest in the table names the pre-tokenizer, ahead of the definition (which says
+    llama-bpe for this tokenizer)."""
+    shutil.copytree(EMBEDDED, tmp_path / "m", ignore=shutil.ignore_patterns("*.safetensors", "*.gguf"))
+    assert {kv.key: kv for kv in export_tokenizer(tmp_path / "m", "llama")}[T.PRE].value == "llama-bpe"
+    monkeypatch.setitem(pretok.CHKHSH, PYSTDLIB_CHKHSH, "deepseek-r1-qwen")
+    assert {kv.key: kv for kv in export_tokenizer(tmp_path / "m", "llama")}[T.PRE].value == "deepseek-r1-qwen"
 
 
 def _with_tokenizer_json(src: Path, dst: Path, edit) -> Path:
