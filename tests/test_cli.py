@@ -209,3 +209,60 @@ def test_inspect_escapes_control_characters(tmp_path):
     assert r.exit_code == 0, r.output
     assert "\x1b" not in r.output and "\x07" not in r.output
     assert "x\\x1b[2J\\x07y" in r.output and "t\\x1b[31m" in r.output
+
+
+# -- what users type and nothing else checked: bench, bench-quantize, memory, q4 -------------------
+@pytest.fixture(scope="module")
+def q8_file(tiny_model, tmp_path_factory):
+    from ggforge.convert.pipeline import convert
+
+    return convert(tiny_model("llama2"), "Q8_0", tmp_path_factory.mktemp("q8") / "m.gguf").output
+
+
+def _table(output: str) -> dict[str, list[str]]:
+    """Rows of a tools/table.py table by their first cell."""
+    rows = [ln.split("  ") for ln in output.splitlines()]
+    return {cells[0].strip(): [c.strip() for c in cells[1:] if c.strip()] for cells in rows if cells and cells[0].strip()}
+
+
+def test_quantize_q4_default_name_is_llama_cpp_s_q4_k_m(model):
+    """`quantize FOLDER q4`: <folder>-Q4_K_M.gguf beside the model, llama.cpp's Q4_K_M type."""
+    r = _run(["quantize", str(model), "q4", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    out = model / "SmolTiny-Q4_K_M.gguf"
+    assert out.is_file()
+    llama_cpp = require("llama_cpp")
+    llm = llama_cpp.Llama(model_path=str(out), n_ctx=32, verbose=False)
+    try:
+        assert llm.metadata["general.file_type"] == str(int(gguf.LlamaFileType.MOSTLY_Q4_K_M))
+    finally:
+        llm.close()
+
+
+def test_bench_prints_both_engines_and_their_ratio(q8_file):
+    require("llama_cpp")
+    r = _run(["bench", str(q8_file), "-p", "8", "-n", "4", "-r", "1", "-t", "1"])
+    assert r.exit_code == 0, r.output
+    rows = _table(r.output)
+    ours, theirs, ratio = ([float(v.replace(",", "")) for v in rows[k]] for k in ("ggforge", "llama.cpp", "ratio"))
+    assert all(v > 0 for v in ours + theirs)
+    assert ratio == pytest.approx([ours[0] / theirs[0], ours[1] / theirs[1]], abs=0.01, rel=0.02)
+
+
+def test_bench_quantize_prints_a_row_per_type(tiny_model, tmp_path):
+    require("llama_cpp")
+    r = _run(["bench-quantize", str(tiny_model("llama2")), "--types", "q8_0,q4_k_m", "--repeat", "1",
+              "--workdir", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    rows = _table(r.output)
+    for t in ("Q8_0", "Q4_K_M"):
+        params, *figures = (float(v.replace(",", "")) for v in rows[t])
+        assert params > 0 and all(v > 0 for v in figures)   # seconds, rates and their ratio
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_memory_json_on_a_good_file(q8_file):
+    r = _run(["memory", str(q8_file), "-p", "8", "-n", "4", "--json"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.output.strip().splitlines()[-1])
+    assert rep["growth"] > 0 and rep["ratio"] > 0

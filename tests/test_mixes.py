@@ -8,6 +8,7 @@ and its logits stay close to the F32 file's.
 from __future__ import annotations
 
 import ctypes
+import shutil
 
 import gguf
 import numpy as np
@@ -176,3 +177,48 @@ def test_requantize_needs_permission(f32_file, tmp_path):
     theirs = tmp_path / "theirs.gguf"
     llama_quantize(q8, theirs, "Q4_K_M", allow_requantize=True)
     assert_same_tensors(out, theirs)
+
+
+def _write_imatrix_gguf(path, imatrix: dict[str, np.ndarray], counts: float) -> None:
+    """imatrix (name -> mean squared activation) as llama-imatrix's GGUF: sums and counts."""
+    with open(path, "wb") as f:
+        w = GGUFWriter(f)
+        w.add_array("imatrix.datasets", ["test"], gguf.GGUFValueType.STRING)
+        w.add_uint32("imatrix.chunk_count", int(counts))
+        w.add_uint32("imatrix.chunk_size", 512)
+        for n, v in imatrix.items():
+            w.add_tensor_info(n + ".in_sum2", v.shape, gguf.GGMLQuantizationType.F32)
+            w.add_tensor_info(n + ".counts", (1,), gguf.GGMLQuantizationType.F32)
+        w.write_header()
+        for n, v in imatrix.items():
+            w.write_tensor(n + ".in_sum2", v * np.float32(counts))
+            w.write_tensor(n + ".counts", np.array([counts], np.float32))
+        w.finish()
+
+
+def test_imatrix_through_the_command_line_equals_llama_quantize(f32_file, tmp_path):
+    """`quantize FOLDER q4 --imatrix FILE` (the short name, the default output name) gives
+    llama_model_quantize's bytes with the same importance matrix, and not those without."""
+    from click.testing import CliRunner
+
+    from ggforge.tools.cli import cli
+
+    folder, f32 = f32_file("llama3")
+    src = tmp_path / "Tiny3"
+    shutil.copytree(folder, src)
+    rng = np.random.default_rng(2)
+    with GGUFFile.open(f32) as g:
+        imatrix = {n: rng.uniform(0.01, 3.0, t.shape[-1]).astype(np.float32)
+                   for n, t in g.tensors.items() if len(t.shape) == 2}
+    _write_imatrix_gguf(tmp_path / "im.gguf", imatrix, counts=4.0)
+    r = CliRunner().invoke(cli, ["quantize", str(src), "q4", "--imatrix", str(tmp_path / "im.gguf"),
+                                 "--no-progress"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    ours = src / "Tiny3-Q4_K_M.gguf"
+    theirs = tmp_path / "theirs.gguf"
+    llama_quantize(f32, theirs, "Q4_K_M", imatrix=imatrix)
+    assert_same_tensors(ours, theirs)
+    plain = tmp_path / "plain.gguf"
+    llama_quantize(f32, plain, "Q4_K_M")
+    with pytest.raises(AssertionError):
+        assert_same_tensors(ours, plain)
