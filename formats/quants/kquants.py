@@ -124,7 +124,7 @@ _T = gguf.GGMLQuantizationType
 
 # name, ggml type, block size, bytes per block (ggml-common.h), quantizer module,
 # dequantizer module; the kernels are quantize_<name> and dequantize_<name>, lower case.
-# Q4_K / Q5_K quantize in k_q4_q5_lanes (the same bytes as k_q4_q5's, searches in SIMD
+# Q4_K / Q5_K quantize in k_q4_q5_lanes (ggml's bytes, searches in SIMD
 # lanes, about 3.5x faster).
 _TABLE = [
     ("Q2_K", _T.Q2_K, 256, 84, "k_q2_q3", "k_q2_q3"),
