@@ -1,7 +1,8 @@
 #!/bin/bash
 # GPU checks and benchmarks on a lent CUDA machine (bare image: torch, Triton, numba there).
 #   bash scripts/device/gpu_session.sh STEP...
-#   steps: setup build tests attn sweep big big7 profile bench waitbuild piece gemma trace layers lgreedy
+#   steps: setup build tests big big7 profile bench sweep waitbuild piece gemma layers lgreedy
+# Everything here goes through the package's public API (ggforge.load, Model, the CLI).
 # .dev/ (git-ignored) carries the gguf wheel and llama.cpp's trimmed source (lcpp.tar.xz);
 # .dev2/g0..g4 the real Gemma-3-270M Q4_K_M file in five pieces (a call carries 64 MiB at
 # most, and a carried path is gone at the next call: carry one piece a call, step `piece`
@@ -26,24 +27,11 @@ build)   # llama.cpp with CUDA, in the background (setsid: outlives this command
      > /tmp/lc/build.log 2>&1 < /dev/null &) ;;
 tests)   # TESTS="expr" for a subset (pytest -k)
   python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py ${TESTS:+-k "$TESTS"} 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
-attn)    # decode attention's tile/split/warp settings
-  python3 scripts/device/attn_sweep.py 2>&1 | tee "$OUT/attn.log" ;;
 big)     # a generated 1.1B-parameter llama (TinyLlama shape), Q8_0: 1.17 GB
-  python3 - <<'PY'
-import sys; sys.path.insert(0, "tests")
-from pathlib import Path
-from test_streaming import SHAPE, write_bf16_checkpoint
-write_bf16_checkpoint(Path("/tmp/big/src"), SHAPE)
-PY
+  python3 -c 'from ggforge.convert.synthetic import SHAPES, write_random_checkpoint as w; w("/tmp/big/src", SHAPES["1.1b"], "models/pystdlib-6m")'
   python3 -m ggforge.tools quantize /tmp/big/src q8_0 -o $BIG --no-progress 2>&1 | tail -2 ;;
 big7)    # a generated 5.9B-parameter llama (Llama-2-7B widths, 8 kv heads), Q8_0: 6.3 GB
-  python3 - <<'PY'
-import sys; sys.path.insert(0, "tests")
-from pathlib import Path
-from test_streaming import write_bf16_checkpoint
-write_bf16_checkpoint(Path("/tmp/big7/src"), dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
-                      num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8))
-PY
+  python3 -c 'from ggforge.convert.synthetic import SHAPES, write_random_checkpoint as w; w("/tmp/big7/src", SHAPES["7b"], "models/pystdlib-6m")'
   python3 -m ggforge.tools quantize /tmp/big7/src q8_0 -o $BIG7 --no-progress 2>&1 | tail -2
   rm -rf /tmp/big7/src ;;
 profile) # where a decode step's GPU time goes (PROFILE_MODEL, default the 1.1B file)
@@ -57,15 +45,13 @@ bench)   # bench MODEL: ggforge at 0, half, all layers (+ llama-bench when built
   [ -x $LB ] || { echo "llama-bench not built yet:"; tail -3 /tmp/lc/build.log; }
   python3 -m ggforge.tools bench $M -p 512 -n 128 -r 3 -ngl ${NGL:-0,half,all} \
      $([ -x $LB ] && echo --llama-bench $LB) 2>&1 | tee -a "$OUT/bench.log" | tail -8 ;;
-sweep)   # the Q8_0 planar kernels' variants and tiles (SWEEP=quick: fewer)
-  python3 scripts/device/q8_sweep.py ${SWEEP:-} 2>&1 | tee "$OUT/sweep.log" ;;
+sweep)   # Q8_0 decode tiles end to end (SWEEP_MODEL, default the 1.1B file): $OUT/q8_tiles.json
+  python3 scripts/device/q8_sweep.py ${SWEEP_MODEL:-$BIG} 2>&1 | tee "$OUT/sweep.log" ;;
 piece)   # keep the carried piece(s) of the Gemma file
   mkdir -p /tmp/g && cp .dev2/g* /tmp/g/ && ls /tmp/g ;;
 gemma)   # the real model: GPU against CPU at 0, half, all layers (after five `piece` calls)
   cat /tmp/g/g0 /tmp/g/g1 /tmp/g/g2 /tmp/g/g3 /tmp/g/g4 > /tmp/gemma.gguf && sha256sum /tmp/gemma.gguf | cut -c1-16
   python3 scripts/device/real_check.py /tmp/gemma.gguf 2>&1 | tee "$OUT/real.log" ;;
-trace)   # where greedy continuations part: teacher-forced, step by step, layer by layer (after `gemma`)
-  (cd scripts/device && python3 greedy_trace.py /tmp/gemma.gguf "${TRACE_PROMPT:-ALL}" ${TRACE_NGL:-all}) 2>&1 | tee "$OUT/trace.log" ;;
 waitbuild)
   for i in $(seq 1 ${WAIT:-60}); do [ -x $LB ] && break; sleep 5; done; tail -2 /tmp/lc/build.log ;;
 esac; done
