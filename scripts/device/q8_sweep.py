@@ -26,7 +26,7 @@ def shapes(path: str) -> set[str]:
     with GGUFFile.open(path) as g:
         for name, info in g.tensors.items():
             if info.type_name == "Q8_0" and len(info.shape) == 2:
-                n_in, n_out = (int(v) for v in info.shape)
+                n_out, n_in = (int(v) for v in info.shape)   # numpy order
                 out.add(f"{n_out}x{n_in}")
                 m = re.match(r"blk\.(\d+)\.(attn_[qkv]|ffn_gate|ffn_up)\.weight", name)
                 if m:
