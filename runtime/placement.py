@@ -20,21 +20,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from gguf import GGMLQuantizationType
-
 from ggforge.formats.units import human_bytes
 from ggforge.runtime.config import ModelConfig
 from ggforge.runtime.decoder import layer_windows
+from ggforge.runtime.type_facts import FACTS
 
 UBATCH = 512                     # prompt tokens per pass on the GPU (runtime/gpu/backend.py)
-# Blocks padded on the device so that the integer decode kernels read 32-bit words:
-# type -> (bytes in the file, bytes on the device, pad in front). Q6_K (k4_kernels.py)
-# pads after its d; Q4_0 and Q5_0 (q8_kernels._gemv_q5_0) before theirs, which puts d in
-# the high half of word 0 and the rest of the block on word boundaries.
-Q6_K_DEVICE_BLOCK = 212
-DEVICE_BLOCKS = {int(GGMLQuantizationType.Q6_K): (210, Q6_K_DEVICE_BLOCK, False),
-                 int(GGMLQuantizationType.Q4_0): (18, 20, True),
-                 int(GGMLQuantizationType.Q5_0): (22, 24, True)}
 MARGIN = 512 * 1024 * 1024       # bytes kept free on the device beyond the plan
 
 
@@ -141,10 +132,9 @@ class Plan:
 
 def device_bytes(info) -> int:
     """A tensor's bytes on the device: as in the file, except the types whose blocks are
-    padded there (DEVICE_BLOCKS)."""
-    n = int(info.nbytes)
-    pad = DEVICE_BLOCKS.get(int(info.ggml_type))
-    return n // pad[0] * pad[1] if pad else n
+    padded there (type_facts.TypeFacts.device_block)."""
+    f = FACTS.get(int(info.ggml_type))
+    return int(info.nbytes) if f is None else f.device_bytes(int(info.nbytes))
 
 
 def _layer_weight_bytes(gguf, n_layer: int, on_device: bool) -> list[int]:

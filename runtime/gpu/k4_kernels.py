@@ -1,7 +1,7 @@
 """Q4_K, Q5_K and Q6_K decode in integers, reading the blocks in 32-bit words.
 
 The byte-wise kernel (triton_kernels._gemv) loads a Q4_K weight one byte per element and
-multiplies in float; it streamed 430-860 GB/s on an H100 (NOTES.md). Here, as ggml's
+multiplies in float; it streamed 430-860 GB/s on an H100 (docs/gpu.md). Here, as ggml's
 ``vec_dot_q4_K_q8_K`` does:
 
 * the activations are rounded once to Q8_K (``_quant_q8k``: int8 quants, a float scale
@@ -181,7 +181,7 @@ def _sbyte(w0, w1, w2, w3, b):
 def matmul_k(x: torch.Tensor, data: torch.Tensor, kind: str, n_out: int, n_in: int,
              out: torch.Tensor, BM: int = 8, NS: int = 2, num_warps: int = 4) -> torch.Tensor:
     """``x @ W.T`` for a few tokens x (n_tok, n_in) and rows ``data`` (uint8) of ``kind``
-    "q4_K", "q5_K" or "q6_K" (blocks padded to placement.Q6_K_DEVICE_BLOCK); n_in a multiple
+    "q4_K", "q5_K" or "q6_K" (blocks padded to type_facts.FACTS); n_in a multiple
     of 256."""
     n_tok = x.shape[0]
     dev = x.device

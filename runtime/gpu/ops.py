@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType as T
 
+from ggforge.formats.errors import UnsupportedModelError
 from ggforge.formats.quants.k_common import KVALUES_IQ4NL
-from ggforge.runtime.kernels import QWeight, vec_dot_type
-from ggforge.runtime.placement import DEVICE_BLOCKS
+from ggforge.runtime.kernels import QWeight
+from ggforge.runtime.type_facts import TypeFacts, type_facts
 
 import triton
 
@@ -34,8 +36,6 @@ FLOATS = {int(T.F32): torch.float32, int(T.F16): torch.float16, int(T.BF16): tor
 # queries does, so a prompt of up to 16 tokens gives the CPU's logits (longer prompts take
 # the GEMM kernels, which sum in float32)
 DECODE_MAX_TOKENS = 16
-_K_WORDS = {int(T.Q4_K): "q4_K", int(T.Q5_K): "q5_K", int(T.Q6_K): "q6_K"}   # k4_kernels
-_BLOCK32_WORDS = (int(T.Q4_0), int(T.Q5_0))   # q8_kernels._gemv_q5_0
 # Triton's interpreter pays per program: give it few, large tiles
 INTERPRET = settings.INTERPRET
 _TABLES: dict[torch.device, torch.Tensor] = {}
@@ -64,30 +64,30 @@ class GWeight:
     @classmethod
     def upload(cls, w: QWeight, device: torch.device | str) -> "GWeight":
         t = int(w.ggml_type)
+        route = gpu_route(t)
+        f = route.facts
         with warnings.catch_warnings():   # the file's read-only pages: copied, never written
             warnings.simplefilter("ignore", UserWarning)
             data = torch.from_numpy(np.ascontiguousarray(w.raw).view(np.uint8)).to(device)
-        if t == int(T.Q8_0) and w.n_in % 128 == 0:   # same bytes, regrouped on the device
+        if route.planes and w.n_in % 128 == 0:   # same bytes, regrouped on the device
             blocks = data.reshape(w.n_out, w.n_in // 32, 34)
             planes = (blocks[:, :, 2:].contiguous().view(torch.int8).reshape(w.n_out, w.n_in),
                       blocks[:, :, :2].contiguous().view(torch.float16).reshape(w.n_out, -1))
             bk = 512 if w.n_in % 512 == 0 else 256 if w.n_in % 256 == 0 else 128
-            return cls(planes[0], t, w.n_in, w.n_out, ACT["q8_0"], bk, planes)
-        if t in DEVICE_BLOCKS:             # blocks padded: word-aligned
-            size, dev_size, front = DEVICE_BLOCKS[t]
-            blocks = data.reshape(w.n_out, -1, size)
-            pad = torch.zeros((w.n_out, blocks.shape[1], dev_size - size), dtype=torch.uint8,
-                              device=data.device)
-            data = torch.cat([pad, blocks] if front else [blocks, pad], dim=2).reshape(w.n_out, -1)
+            return cls(planes[0], t, w.n_in, w.n_out, ACT[f.vec_dot_type], bk, planes)
+        if f.device_block:                 # blocks padded: word-aligned
+            blocks = data.reshape(w.n_out, -1, f.block_bytes)
+            pad = torch.zeros((w.n_out, blocks.shape[1], f.device_block - f.block_bytes),
+                              dtype=torch.uint8, device=data.device)
+            data = torch.cat([pad, blocks] if f.pad_front else [blocks, pad], dim=2).reshape(w.n_out, -1)
         elif torch.device(device).type == "cpu":
             data = data.clone()            # on the CPU .to() kept the file's pages
         if t in FLOATS:
             data = data.view(FLOATS[t]).reshape(w.n_out, w.n_in)
             bk = 128
         else:
-            qk = 256 if vec_dot_type(t) == "q8_K" else 32
-            bk = next(b for b in (256, 128, 64, 32) if b % qk == 0 and w.n_in % b == 0)
-        return cls(data, t, w.n_in, w.n_out, ACT[vec_dot_type(t)], bk)
+            bk = next(b for b in (256, 128, 64, 32) if b % f.qk == 0 and w.n_in % b == 0)
+        return cls(data, t, w.n_in, w.n_out, ACT[f.vec_dot_type], bk)
 
     @classmethod
     def upload_group(cls, ws: list[QWeight], device) -> list["GWeight"]:
@@ -115,31 +115,85 @@ def matmul(x: torch.Tensor, w: GWeight, out: torch.Tensor | None = None) -> torc
     x = x.contiguous()
     if out is None:
         out = torch.empty((n_tok, w.n_out), dtype=torch.float32, device=x.device)
-    tab = _table(x.device)
     if w.planes is not None:
         return _matmul_q8_0(x, w, out)
-    if n_tok <= DECODE_MAX_TOKENS and w.ggml_type in _BLOCK32_WORDS:   # integer dot products
-        return Q8.matmul_q5_0(x, w.data, w.ggml_type == int(T.Q5_0), w.n_out, w.n_in, out,
-                              **(dict(BM=64) if INTERPRET else {}))
-    if n_tok <= DECODE_MAX_TOKENS and w.ggml_type in _K_WORDS:
-        return K4.matmul_k(x, w.data, _K_WORDS[w.ggml_type], w.n_out, w.n_in, out,
-                           **(dict(BM=64) if INTERPRET else {}))
     if n_tok <= DECODE_MAX_TOKENS:
-        # tile sweep on an H100 (scripts/device/gemv_sweep.py, Q8_0 1.1B): 2 rows x 512
-        # columns, 2 warps was fastest for q|k|v, ffn_down and the output head alike
-        bm, nw = (128, 4) if INTERPRET else (2, 2)
-        bk = 512 if w.n_in % 512 == 0 and 512 % w.bk == 0 else w.bk
-        grid = (triton.cdiv(w.n_out, bm), n_tok)
-        K._gemv[grid](w.data, x, out, tab, w.n_out, w.n_in, w.row_stride,
-                      TYPE=w.ggml_type, ACT=w.act, BM=bm, BK=bk, num_warps=nw, enable_fp_fusion=False,
-                      **pdl.launch())
-    else:
-        bt, bm = (64, 128) if INTERPRET else (32, 32)
-        bk = min(w.bk, 128) if w.act != ACT["q8_K"] else 256
-        grid = (triton.cdiv(w.n_out, bm), triton.cdiv(n_tok, bt))
-        K._gemm[grid](w.data, x, out, tab, n_tok, w.n_out, w.n_in, w.row_stride,
-                      TYPE=w.ggml_type, ACT=w.act, BT=bt, BM=bm, BK=bk, num_warps=4)   # FMA: see _matmul_q8_0
+        return gpu_route(w.ggml_type).decode(x, w, out)
+    _gemm(x, w, out)
     return out
+
+
+def _gemv(x: torch.Tensor, w: GWeight, out: torch.Tensor) -> torch.Tensor:
+    """Decode through the generic kernel (triton_kernels._gemv: any type, element-wise
+    dequantization, float64 sums)."""
+    # tile sweep on an H100 (Q8_0 1.1B, 2026-11): 2 rows x 512 columns, 2 warps was fastest
+    # for q|k|v, ffn_down and the output head alike
+    bm, nw = (128, 4) if INTERPRET else (2, 2)
+    bk = 512 if w.n_in % 512 == 0 and 512 % w.bk == 0 else w.bk
+    grid = (triton.cdiv(w.n_out, bm), x.shape[0])
+    K._gemv[grid](w.data, x, out, _table(x.device), w.n_out, w.n_in, w.row_stride,
+                  TYPE=w.ggml_type, ACT=w.act, BM=bm, BK=bk, num_warps=nw, enable_fp_fusion=False,
+                  **pdl.launch())
+    return out
+
+
+def _gemv_block32_words(x: torch.Tensor, w: GWeight, out: torch.Tensor) -> torch.Tensor:
+    """Q4_0/Q5_0 decode: integer dot products on the padded blocks' words."""
+    return Q8.matmul_q5_0(x, w.data, w.ggml_type == int(T.Q5_0), w.n_out, w.n_in, out,
+                          **(dict(BM=64) if INTERPRET else {}))
+
+
+def _gemv_k_words(words: str):
+    """Q4_K/Q5_K/Q6_K decode: integer dot products on words (k4_kernels, ``words`` its
+    layout name)."""
+    def decode(x: torch.Tensor, w: GWeight, out: torch.Tensor) -> torch.Tensor:
+        return K4.matmul_k(x, w.data, words, w.n_out, w.n_in, out, **(dict(BM=64) if INTERPRET else {}))
+    return decode
+
+
+def _gemm(x: torch.Tensor, w: GWeight, out: torch.Tensor) -> None:
+    """Prefill through the tiled kernel (triton_kernels._gemm: float32 sums, FMA: see
+    matmul_q8)."""
+    n_tok = x.shape[0]
+    bt, bm = (64, 128) if INTERPRET else (32, 32)
+    bk = min(w.bk, 128) if w.act != ACT["q8_K"] else 256
+    grid = (triton.cdiv(w.n_out, bm), triton.cdiv(n_tok, bt))
+    K._gemm[grid](w.data, x, out, _table(x.device), n_tok, w.n_out, w.n_in, w.row_stride,
+                  TYPE=w.ggml_type, ACT=w.act, BT=bt, BM=bm, BK=bk, num_warps=4)
+
+
+@dataclass(frozen=True)
+class GpuRoute:
+    """How one weight type is held and multiplied on the device: its facts (type_facts.py),
+    whether Q8_0 planes replace the blocks, and the decode kernel (up to DECODE_MAX_TOKENS
+    tokens; prefill is triton_kernels._gemm for every type, or matmul_q8 for planes)."""
+
+    facts: TypeFacts
+    decode: Callable[[torch.Tensor, "GWeight", torch.Tensor], torch.Tensor] = _gemv
+    planes: bool = False
+
+
+GPU_ROUTES: dict[int, GpuRoute] = {int(t): GpuRoute(type_facts(t), *rest) for t, *rest in (
+    (T.F32,), (T.F16,), (T.BF16,),
+    (T.Q8_0, _gemv, True),          # planes where n_in % 128 == 0, else the generic kernels
+    (T.Q4_0, _gemv_block32_words), (T.Q5_0, _gemv_block32_words),
+    (T.Q4_1,), (T.Q5_1,), (T.IQ4_NL,),
+    (T.Q2_K,), (T.Q3_K,),
+    (T.Q4_K, _gemv_k_words("q4_K")), (T.Q5_K, _gemv_k_words("q5_K")), (T.Q6_K, _gemv_k_words("q6_K")),
+    (T.IQ4_XS,),
+)}
+
+
+def gpu_route(ggml_type: int) -> GpuRoute:
+    """The device route of a weight type; UnsupportedModelError naming the supported ones."""
+    r = GPU_ROUTES.get(int(ggml_type))
+    if r is None:
+        type_facts(ggml_type)   # a type the runtime lacks altogether: that message
+        raise UnsupportedModelError(
+            f"the GPU backend has no kernel for weight type {type_facts(ggml_type).name}; "
+            f"supported: {', '.join(r.facts.name for r in GPU_ROUTES.values())} (keep such "
+            "layers on the CPU: a smaller --gpu-layers)")
+    return r
 
 
 # Q8_0 planar tiles (scripts/device/q8_sweep.py): decode 8 rows x 512 columns, 8 warps

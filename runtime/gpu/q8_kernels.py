@@ -12,13 +12,13 @@ are the CPU's bit for bit although the orders differ; the prefill kernel sums in
 
 The activations are rounded once per product (``_quant_act``, or the glue kernel before
 it: fused_kernels.py) into int8 quants and float32 scales; rounding them inside every
-program of the product cost 3 to 4 times the product (NOTES.md).
+program of the product cost 3 to 4 times the product (docs/gpu.md).
 
 * ``_gemv``: decode. Each program owns ``BM`` rows; four int8 products and their sum are
   one ``dp4a`` instruction on 32-bit words of the planes.
 * ``_gemm``: prefill. Int8 ``tl.dot`` tiles (tensor cores) give each block's integer sums.
 * ``_gemv_q5_0``: decode of Q5_0 and Q4_0 rows against the same rounded activations, from
-  their blocks as padded at upload (placement.DEVICE_BLOCKS: 24 and 20 bytes, so words are
+  their blocks as padded at upload (type_facts.FACTS: 24 and 20 bytes, so words are
   aligned); the nibbles (and fifth bits) unpacked into int8 words for ``dp4a``. Prefill
   of these types reads the padded blocks byte-wise (triton_kernels._gemm).
 """
@@ -203,7 +203,7 @@ def _gemv_q5_0(w, xw, xd, y, n_out, n_in: tl.constexpr, BM: tl.constexpr, NB: tl
 def matmul_q5_0(x: torch.Tensor, data: torch.Tensor, q5: bool, n_out: int, n_in: int,
                 out: torch.Tensor, BM: int = 8, NB: int = 16, num_warps: int = 4) -> torch.Tensor:
     """``x @ W.T`` for a few tokens x (n_tok, n_in) and Q5_0 (``q5``) or Q4_0 rows ``data``
-    (uint8, blocks padded as placement.DEVICE_BLOCKS says); n_in a multiple of 32."""
+    (uint8, blocks padded as type_facts.FACTS says); n_in a multiple of 32."""
     n_tok = x.shape[0]
     xq, xd = quant_act(x)
     _gemv_q5_0[(triton.cdiv(n_out, BM), n_tok)](data.view(torch.int32), xq.view(torch.int32), xd, out,

@@ -89,7 +89,7 @@ def _deq(w, row_off, k, tab, TYPE: tl.constexpr):
     elif TYPE == Q8_0:
         base = row_off + (k // 32) * 34
         v = _f16(w, base) * _i8(w, base + 2 + k % 32).to(tl.float32)
-    elif TYPE == Q4_0:   # blocks padded in front to 20 bytes on the device (placement.DEVICE_BLOCKS)
+    elif TYPE == Q4_0:   # blocks padded in front to 20 bytes on the device (type_facts.FACTS)
         base = row_off + (k // 32) * 20 + 2
         l = k % 32
         v = _f16(w, base) * (_nib(w, base + 2 + l % 16, l // 16) - 8).to(tl.float32)
@@ -132,7 +132,7 @@ def _deq(w, row_off, k, tab, TYPE: tl.constexpr):
         h = (_u8(w, base + 16 + j % 32) >> s) & 1
         q = (_nib(w, base + 48 + 32 * g + j % 32, hi) + 16 * h).to(tl.float32)
         v = _f16(w, base) * sc * q - _f16(w, base + 2) * mn
-    elif TYPE == Q6_K:   # blocks padded to 212 bytes on the device (placement.Q6_K_DEVICE_BLOCK)
+    elif TYPE == Q6_K:   # blocks padded to 212 bytes on the device (type_facts.FACTS)
         base = row_off + (k // 256) * 212
         j = k % 256
         h = j // 128

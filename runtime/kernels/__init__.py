@@ -26,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf import GGMLQuantizationType
 
 from ggforge.formats.errors import FormatError, UnsupportedModelError
 from ggforge.runtime.kernels.dispatch import (ROUTES, Route, get_rows_packed, get_rows_raw, matmul_raw,
@@ -53,10 +53,11 @@ class QWeight:
 
     def __post_init__(self):
         route(self.ggml_type)
-        block, size = GGML_QUANT_SIZES[GGMLQuantizationType(int(self.ggml_type))]
+        f = route(self.ggml_type).facts
+        block, size = f.qk, f.block_bytes
         if self.n_in % block:
             raise UnsupportedModelError(
-                f"{GGMLQuantizationType(int(self.ggml_type)).name} weight rows of {self.n_in} "
+                f"{f.name} weight rows of {self.n_in} "
                 f"elements are not whole blocks of {block}")
         shape = (self.n_out, self.n_in // block * size)
         if self.raw.dtype != np.uint8 or self.raw.shape != shape or not self.raw.flags.c_contiguous:

@@ -1,9 +1,8 @@
 """The weight type table and the two entry points: ``matmul`` and ``get_rows``.
 
-Each ggml weight type maps to a :class:`Route`: its ``vec_dot_type`` (what llama.cpp
-quantizes the activations to before the dot products, ggml-cpu.c ``type_traits_cpu``),
-its block size, and a decode (one token at a time) and a prefill (several tokens per
-pass over the weights) kernel. The quantized types' kernels (rows_legacy.py,
+Each ggml weight type maps to a :class:`Route`: its facts (runtime/type_facts.py: the
+``vec_dot_type`` llama.cpp rounds the activations to, the block geometry) and a decode
+(one token at a time) and a prefill (several tokens per pass over the weights) kernel. The quantized types' kernels (rows_legacy.py,
 rows_kquants.py) read the weights packed (:func:`pack`) and give the same numbers in
 both; they run on pool.py's workers (or threads.run_rows for huge outputs).
 """
@@ -13,10 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 
-from ggforge.formats.errors import UnsupportedModelError
 from ggforge.formats.quants import dequantize
 from ggforge.runtime.kernels import act_quant, dot_float, rows_kquants, rows_legacy
 from ggforge.runtime.kernels import pool as decode_pool
@@ -25,6 +22,7 @@ from ggforge.runtime.kernels._rows import ROWS as PACK_ROWS
 from ggforge.runtime.kernels._rows import pack_rows
 from ggforge.runtime.kernels.prefill import ROWS, tokens_last
 from ggforge.runtime.kernels.threads import get_threads, run_rows
+from ggforge.runtime.type_facts import FACTS, TypeFacts, type_facts
 
 # Up to this many tokens the decode kernels run (each token's dot products against a
 # weight row group while it sits in L1); beyond, the prefill kernels (several tokens per
@@ -37,13 +35,20 @@ TOKEN_TILE = 256
 
 @dataclass(frozen=True)
 class Route:
-    """How one weight type is multiplied: activation type, block size, kernels."""
+    """How one weight type is multiplied on the CPU: its facts and its kernels."""
 
-    vec_dot_type: str                # "f32", "f16", "bf16", "q8_0", "q8_1", "q8_K"
-    qk: int                          # elements per block of the weight type
+    facts: TypeFacts
     decode: Kernel | None = None     # F16/BF16: a few tokens (F32: numpy)
     prefill: Kernel | None = None    # F16/BF16: many tokens
     rows: Kernel | None = None       # quantized: the row-group kernel (_rows.ROWS_SIG)
+
+    @property
+    def vec_dot_type(self) -> str:
+        return self.facts.vec_dot_type
+
+    @property
+    def qk(self) -> int:
+        return self.facts.qk
 
     @property
     def packed(self) -> bool:
@@ -52,37 +57,24 @@ class Route:
 
 
 FL, RL, RK = dot_float, rows_legacy, rows_kquants
-ROUTES: dict[int, Route] = {
-    T.F32: Route("f32", 1, None, None),
-    T.F16: Route("f16", 1, FL.mv_f16, FL.mm_f16),
-    T.BF16: Route("bf16", 1, FL.mv_bf16, FL.mm_bf16),
-    T.Q8_0: Route("q8_0", 32, rows=RL.q8_0),
-    T.Q4_0: Route("q8_0", 32, rows=RL.q4_0),
-    T.Q5_0: Route("q8_0", 32, rows=RL.q5_0),
-    T.IQ4_NL: Route("q8_0", 32, rows=RL.iq4_nl),
-    T.Q4_1: Route("q8_1", 32, rows=RL.q4_1),
-    T.Q5_1: Route("q8_1", 32, rows=RL.q5_1),
-    T.Q2_K: Route("q8_K", 256, rows=RK.q2_K),
-    T.Q3_K: Route("q8_K", 256, rows=RK.q3_K),
-    T.Q4_K: Route("q8_K", 256, rows=RK.q4_K),
-    T.Q5_K: Route("q8_K", 256, rows=RK.q5_K),
-    T.Q6_K: Route("q8_K", 256, rows=RK.q6_K),
-    T.IQ4_XS: Route("q8_K", 256, rows=RK.iq4_xs),
+_KERNELS = {
+    T.F32: {},
+    T.F16: dict(decode=FL.mv_f16, prefill=FL.mm_f16),
+    T.BF16: dict(decode=FL.mv_bf16, prefill=FL.mm_bf16),
+    T.Q8_0: dict(rows=RL.q8_0), T.Q4_0: dict(rows=RL.q4_0), T.Q5_0: dict(rows=RL.q5_0),
+    T.IQ4_NL: dict(rows=RL.iq4_nl), T.Q4_1: dict(rows=RL.q4_1), T.Q5_1: dict(rows=RL.q5_1),
+    T.Q2_K: dict(rows=RK.q2_K), T.Q3_K: dict(rows=RK.q3_K), T.Q4_K: dict(rows=RK.q4_K),
+    T.Q5_K: dict(rows=RK.q5_K), T.Q6_K: dict(rows=RK.q6_K), T.IQ4_XS: dict(rows=RK.iq4_xs),
 }
+ROUTES: dict[int, Route] = {int(t): Route(FACTS[int(t)], **k) for t, k in _KERNELS.items()}
 
 
 def route(ggml_type: int) -> Route:
     """The route of a weight type; UnsupportedModelError if there is none."""
     r = ROUTES.get(int(ggml_type))
     if r is None:
-        try:
-            name = T(int(ggml_type)).name
-        except ValueError:
-            name = f"id {int(ggml_type)}"
-        raise UnsupportedModelError(
-            f"no CPU kernel for weight type {name}; supported: "
-            + ", ".join(T(t).name for t in ROUTES) + " (requantize the model to one of them)"
-        )
+        type_facts(ggml_type, "the CPU backend")   # raises, naming the supported types
+        raise AssertionError(f"type_facts and ROUTES disagree on {ggml_type}")
     return r
 
 
@@ -92,7 +84,7 @@ def pack(raw: np.ndarray, ggml_type: int, done=None) -> np.ndarray | None:
     _rows.pack_rows."""
     if not route(ggml_type).packed:
         return None
-    return pack_rows(raw, GGML_QUANT_SIZES[T(int(ggml_type))][1], done)
+    return pack_rows(raw, route(ggml_type).facts.block_bytes, done)
 
 
 def matmul_raw(x: np.ndarray, raw: np.ndarray, ggml_type: int, n_out: int,
@@ -156,7 +148,7 @@ def get_rows_raw(raw: np.ndarray, ggml_type: int, n_in: int, ids: np.ndarray) ->
 
 def get_rows_packed(packed: np.ndarray, ggml_type: int, n_in: int, ids: np.ndarray) -> np.ndarray:
     """get_rows_raw reading from pack(raw, ggml_type): the same bytes, the same result."""
-    block_bytes = GGML_QUANT_SIZES[T(int(ggml_type))][1]
+    block_bytes = route(ggml_type).facts.block_bytes
     n_blocks = packed.shape[1] // PACK_ROWS // block_bytes
     groups = packed.reshape(-1, n_blocks, PACK_ROWS, block_bytes)   # (group, block, lane, byte)
     picked = groups[ids // PACK_ROWS, :, ids % PACK_ROWS, :]        # (n, block, byte)
