@@ -352,7 +352,7 @@ def test_fused_q8_0_decode_follows_the_cpu_backend(tiny_model, tmp_path, arch):
     ending in the Q8_0 rounding; attention writing rounded output): SiLU and GELU, post
     norms. Greedy continuations equal the CPU run's; the logits of a decoded token equal
     the unfused device path's and follow the CPU's (random tiny models amplify 1e-7
-    differences to ~1e-2 through quantized activations, see runtime/gpu/NOTES.md)."""
+    differences to ~1e-2 through quantized activations, see docs/gpu.md)."""
     path = convert(tiny_model(arch), "Q8_0", tmp_path / "m.gguf").output
     with load(path) as m:
         ids = m.tokenize(PROMPT)

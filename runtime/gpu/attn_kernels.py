@@ -118,13 +118,13 @@ def _attn_combine(pm, pl, pacc, out, xq, xd, n_split, g, DV: tl.constexpr, G: tl
         tl.store(out + hq * DV + ei, o, mask=ei < DV)
 
 
-# Settings (scripts/device/attn_sweep.py times them). DOT: the two products of a split as
+# Settings (swept on an H100/H200 in 2026-12, per call in CUDA graphs; docs/gpu.md). DOT: the two products of a split as
 # float64 tensor-core products (tl.dot; the query heads padded to 16 rows, BN >= 16);
 # else broadcast products of a (G, BN, D) tile of TILE float64 elements, which past about
 # 2,048 no longer fits in registers (255 and spills at 8,192 for d 128 on sm_90).
 DOT = True
 TILE = 2048
-SPLIT_PROGRAMS = 128  # split the cells until there are about this many programs (attn_sweep.py)
+SPLIT_PROGRAMS = 128  # split the cells until there are about this many programs
 WARPS = 4
 COMBINE_SPLITS = 16   # splits a combine program reads at a time (SC)
 

@@ -2,12 +2,12 @@
 or ``ggforge bench --no-pdl`` turns it off).
 
 A decode step is ~10 dependent kernels a layer; between two of them the GPU idles while
-the next grid is launched (~2 us each in a CUDA graph on an H200, NOTES.md). With PDL
+the next grid is launched (~2 us each in a CUDA graph on an H200, docs/gpu.md). With PDL
 (``launch_pdl``), a kernel's blocks are scheduled while its predecessor still runs and
 wait in ``gdc_wait`` until that grid has finished and its writes are visible. Every
 kernel of the decode path calls ``start()`` before it touches memory, so each waits for
 all earlier ones (transitively) and the order of reads and writes is unchanged.
-Off under Triton's interpreter, which has no PTX. Measured on an H200 (NOTES.md): tg
+Off under Triton's interpreter, which has no PTX. Measured on an H200 (docs/gpu.md): tg
 1.1B Q8_0 893 -> 1,002 t/s, 5.9B Q8_0 317 -> 327 t/s.
 """
 from __future__ import annotations

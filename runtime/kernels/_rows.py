@@ -133,7 +133,7 @@ class Group:
     def accumulate(self, acc, term):
         """acc (<8 x double>) + term (<8 x float>, a block's float step) in float64: the sum
         over blocks then hardly depends on its order, so the GPU's kernels, which sum in
-        another order, give the same float32 result (runtime/gpu/NOTES.md, Exactness)."""
+        another order, give the same float32 result (docs/gpu.md, Exactness)."""
         return self.b.fadd(acc, self.b.fpext(term, vec(F64, ROWS)))
 
     def store(self, acc):

@@ -73,7 +73,7 @@ def attend(q, k, v, q_pos, scale, window, p_f16, out):
     """Causal grouped-query attention of a few queries over the cache (layers.attention):
     softmax(q k^T * scale) v over the positions j <= q_pos (and q_pos - j < window), in
     float64 from the float32 inputs and rounded once, so that the GPU's kernels, which
-    sum in other orders, give the same float32 results (runtime/gpu/NOTES.md).
+    sum in other orders, give the same float32 results (docs/gpu.md).
     ``p_f16``: an F16 value cache, as llama.cpp: float32 scores and softmax weights, the
     weights rounded to F16 before the product with V (as ggml_mul_mat converts them)."""
     n_head, d = q.shape[1], q.shape[2]
