@@ -17,6 +17,7 @@ import numpy as np
 
 from ggforge.convert.plan import ConversionPlan, PlannedTensor, plan_conversion
 from ggforge.convert.mixes import FileType, MixOptions, parse_file_type
+from ggforge.convert.quant_error import TensorErrors
 from ggforge.convert.stages import Stages
 from ggforge.formats.atomic import atomic_output, check_output
 from ggforge.formats.errors import FormatError
@@ -53,8 +54,10 @@ def convert(source: str | Path, file_type: str | FileType, output: str | Path | 
             force: bool = False, overrides: Iterable[KV] = (), options: MixOptions | None = None,
             imatrix: dict[str, np.ndarray] | None = None,
             progress: Callable[[PlannedTensor, int], None] | None = None,
-            on_plan: Callable[[ConversionPlan], None] | None = None) -> ConvertResult:
-    """Convert a safetensors checkpoint (file, folder or index) into one GGUF file."""
+            on_plan: Callable[[ConversionPlan], None] | None = None,
+            errors: TensorErrors | None = None) -> ConvertResult:
+    """Convert a safetensors checkpoint (file, folder or index) into one GGUF file.
+    ``errors``, if given, collects each quantized tensor's error (convert/quant_error.py)."""
     t0 = time.perf_counter()
     ft = file_type if isinstance(file_type, FileType) else parse_file_type(file_type)
     plan = plan_conversion(source, ft, list(overrides), options)
@@ -68,7 +71,7 @@ def convert(source: str | Path, file_type: str | FileType, output: str | Path | 
                            validate=lambda p: _validate(p, plan)) as f:
             writer.attach(f)
             writer.write_header()
-            _write_tensors(writer, plan, imatrix, progress or (lambda t, n: None))
+            _write_tensors(writer, plan, imatrix, progress or (lambda t, n: None), errors)
             writer.finish()
         result = ConvertResult(out, ft.name, out.stat().st_size, plan.n_params,
                                time.perf_counter() - t0)
@@ -90,7 +93,8 @@ def _declare(plan: ConversionPlan) -> GGUFWriter:
 
 def _write_tensors(writer: GGUFWriter, plan: ConversionPlan,
                    imatrix: dict[str, np.ndarray] | None,
-                   progress: Callable[[PlannedTensor, int], None]) -> None:
+                   progress: Callable[[PlannedTensor, int], None],
+                   errors: TensorErrors | None = None) -> None:
     """Read, quantize and write every tensor in row chunks; `progress(t, n)` after each
     n elements. Reading (a prefetch thread), quantizing (this thread, the kernels on all
     cores) and writing (a writer thread) overlap: see convert/stages."""
@@ -103,6 +107,8 @@ def _write_tensors(writer: GGUFWriter, plan: ConversionPlan,
                 out = quantize(item.rows, t.qtype, name=t.source or t.name,
                                imatrix=item.weights, checked=item.checked)
                 n = item.rows.size
+                if errors is not None:   # before done(): the rows' buffer is reused after it
+                    errors.add(t, item.rows, out, item.weights)
             stages.done(item, out)
             progress(t, n)
 
