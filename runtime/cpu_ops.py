@@ -47,12 +47,17 @@ class Step:
 
 class CpuOps:
     """``matmul_hook(x, w)``, if given, replaces the product of a large batch (the
-    products of CPU layers that llama.cpp's CUDA backend runs on the device)."""
+    products of CPU layers that llama.cpp's CUDA backend runs on the device).
 
-    def __init__(self, config, rope_freqs: np.ndarray | None, matmul_hook=None, hook_min_rows: int = 0):
+    ``collect(w, x)``, if given, sees the input x (n, n_in) float32 of every product
+    x @ W.T before it is computed (the importance matrix: runtime/imatrix.py)."""
+
+    def __init__(self, config, rope_freqs: np.ndarray | None, matmul_hook=None, hook_min_rows: int = 0,
+                 collect=None):
         self.c = config
         self.rope_freqs = rope_freqs
         self.hook, self.hook_min_rows = matmul_hook, hook_min_rows
+        self.collect = collect
         self.in_head = False
 
     def step(self, pos: np.ndarray, cache: KVCache, ropes) -> Step:
@@ -71,6 +76,8 @@ class CpuOps:
 
     def matmul(self, x: np.ndarray, w: kernels.QWeight) -> np.ndarray:
         """x @ W.T."""
+        if self.collect is not None:
+            self.collect(w, x)
         if self.hook is not None and not self.in_head and x.shape[0] >= self.hook_min_rows:
             return self.hook(x, w)
         return kernels.matmul(x, w)

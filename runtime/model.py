@@ -98,10 +98,13 @@ class Model:
         if info.dims != (n_in, n_out):
             raise FormatError(f"{self.gguf.path}: tensor {name!r} has shape {info.shape}, "
                               f"the metadata implies {(n_out, n_in)}")
-        return kernels.QWeight.from_gguf(self.gguf, name)
+        w = kernels.QWeight.from_gguf(self.gguf, name)
+        self.weight_names[id(w)] = name
+        return w
 
     def _load(self) -> None:
         c = self.config
+        self.weight_names: dict[int, str] = {}   # id(QWeight) -> its GGUF tensor name
         q_out, kv_out, v_out = c.n_head * c.head_dim, c.n_head_kv * c.head_dim, c.n_head_kv * c.head_dim_v
         self.tok_embd = self._mat("token_embd.weight", c.n_embd, c.n_vocab)
         self.output = self.tok_embd if c.tied_output else self._mat("output.weight", c.n_embd, c.n_vocab)
@@ -139,11 +142,17 @@ class Model:
         return cache
 
     def forward(self, tokens: np.ndarray, cache: KVCache, *, all_logits: bool = False,
-                observe=None) -> np.ndarray:
+                observe=None, collect=None) -> np.ndarray:
         """Run `tokens` at positions cache.n_past.. ; returns logits (n, n_vocab) for all
         tokens or (1, n_vocab) for the last one. ``observe(il, x)``, if given, sees the
-        hidden state (n, n_embd) entering each CPU layer."""
+        hidden state (n, n_embd) entering each CPU layer. ``collect(name, x)``, if given,
+        sees the input x (rows, n_in) float32 of every matrix product with the weight's
+        GGUF tensor name (the head's too: all rows with ``all_logits``, else the last);
+        CPU only: the GPU backend's products are not observable."""
         c = self.config
+        if collect is not None and self.gpu is not None:
+            raise ValueError("collecting matrix-product inputs needs every layer on the CPU "
+                             "(--gpu-layers 0)")
         tokens = np.asarray(tokens)
         if tokens.ndim != 1 or tokens.size == 0:
             raise ValueError("forward() needs a non-empty 1-D sequence of token ids")
@@ -162,7 +171,9 @@ class Model:
         # a CPU layer's product over a large batch runs on the device, as llama.cpp's CUDA
         # backend takes such products (the weight copied there for the one product)
         hook = None if self.gpu is None else self.gpu.host_matmul
-        ops = CpuOps(c, self.rope_freqs, hook, OFFLOAD_MIN_BATCH)
+        names = self.weight_names
+        ops = CpuOps(c, self.rope_freqs, hook, OFFLOAD_MIN_BATCH,
+                     None if collect is None else (lambda w, x: collect(names[id(w)], x)))
         x = dec.embed(ops, self.tok_embd, tokens)                      # (n, n_embd)
         if n_cpu:   # segment 1: layers 0..n_cpu-1 on the CPU
             step = ops.step(np.arange(p0, p0 + n), cache, dec.ropes(0, n_cpu))
