@@ -9,6 +9,7 @@ reference (folder or safetensors) is converted to a temporary F32 GGUF first.
 from __future__ import annotations
 
 import json
+import math
 import sys
 import tempfile
 from pathlib import Path
@@ -46,6 +47,13 @@ def reference_gguf(ref: str, workdir: str) -> str:
 
     click.echo(f"converting {ref} to a temporary F32 GGUF ...", err=True)
     return str(convert(ref, "F32", Path(workdir) / "reference-F32.gguf").output)
+
+
+def _finite(v):
+    """JSON has no NaN: a correlation without variance becomes null."""
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    return None if isinstance(v, float) and not math.isfinite(v) else v
 
 
 def _pm(e, scale: float = 1.0, digits: int = 6) -> list[str]:
@@ -129,7 +137,8 @@ def eval_cmd(model: str, text_file: str, ref: str | None, ctx_size: int, chunks:
             if r_model is not None:
                 r_model.close()
     if as_json:
-        click.echo(json.dumps({"model": model, "file": text_file, "ref": ref, **res.to_dict()}))
+        click.echo(json.dumps(_finite({"model": model, "file": text_file, "ref": ref,
+                                        **res.to_dict()}), allow_nan=False))
         return
     click.echo(f"{model}: {text_file}, {res.n_tokens:,} tokens, {res.n_chunks} chunks of "
                f"{res.n_ctx}, {res.n_scored:,} positions scored"
