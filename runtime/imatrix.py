@@ -83,6 +83,8 @@ def make_chunks(tokens, n_ctx: int, *, n_chunks: int = -1, from_chunk: int = 0,
                          "text or a smaller -c")
     n_max = tokens.size // n_ctx
     n = n_max if n_chunks < 0 else min(n_chunks, n_max)
+    if n == 0:
+        raise ValueError(f"{what}: --chunks 0 leaves no chunk to process (-1: all of them)")
     chunks = tokens[: n * n_ctx].reshape(n, n_ctx).copy()           # (n_chunk, n_ctx)
     if bos is not None:
         chunks[:, 0] = bos

@@ -319,6 +319,10 @@ def test_bad_input_is_one_line(f32, tmp_path):
                     "CPU only")
     _one_line_error(_run([str(f32), "-f", str(text), "-c", "8", "-o", str(tmp_path / "f.gguf")]),
                     "below 16")
+    _one_line_error(_run([str(f32), "-f", str(text), "-c", "64", "--chunks", "0", "-o", str(tmp_path / "g.gguf")]),
+                    "--chunks 0")
+    _one_line_error(_run([str(tmp_path / "nope.gguf"), "-f", str(text), "-o", str(tmp_path / "h.gguf")]),
+                    "nope.gguf", "no such model")
     existing = tmp_path / "exists.gguf"
     shutil.copy(THEIRS, existing)
     _one_line_error(_run([str(f32), "-f", str(text), "-o", str(existing)]), "--force")

@@ -19,13 +19,21 @@ from typing import Iterator
 import click
 
 from ggforge.tools.errors import one_line_errors
-from ggforge.tools.run_cli import cache_types
+
+
+def _cache_type(kv: str):
+    return click.option(f"-ct{kv}", f"--cache-type-{kv}", f"cache_type_{kv}", default="f32",
+                        show_default=True, type=click.Choice(["f32", "f16"], case_sensitive=False),
+                        help=f"KV cache type for {'keys' if kv == 'k' else 'values'} (f32: "
+                             "llama-imatrix's sums with -ctk f32 -ctv f32 -fa off).")
 
 
 @contextlib.contextmanager
 def _gguf_model(source: str, no_progress: bool) -> Iterator[Path]:
     """``source`` when it is a GGUF file; else its F32 conversion in a temporary folder."""
     path = Path(source)
+    if not path.exists():
+        raise ValueError(f"{source}: no such model file or folder")
     hf = path.is_dir() or path.suffix in (".safetensors", ".json")
     if not hf:
         yield path
@@ -72,7 +80,8 @@ def _check_is_model(path: Path) -> None:
               help="Layers on the GPU: only 0 for now (the products are observed on the CPU).")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-@cache_types
+@_cache_type("k")
+@_cache_type("v")
 @one_line_errors
 def imatrix_cmd(model: str, text: str, output: str, fmt: str, ctx_size: int, chunks: int,
                 from_chunk: int, process_output: bool, ppl: bool, parse_special: bool,
