@@ -29,10 +29,16 @@ import llama_oracle
 from model_factory import build_model
 from ggforge.convert.pipeline import convert
 from ggforge.runtime.evaluate import evaluate, perplexity_tokens
-from ggforge.runtime.generate import load
+from ggforge.runtime.generate import load as _load
 from ggforge.tools.eval_cli import eval_cmd
 
 N_CTX = 32
+F32_CACHE = ["-ctk", "f32", "-ctv", "f32"]    # llama_oracle's cache, no flash attention
+
+
+def load(path, n_ctx: int | None = None):
+    """Our model with the oracle's KV cache (F32: llama.cpp's logits without flash attention)."""
+    return _load(path, n_ctx=n_ctx, cache_type_k="f32", cache_type_v="f32")
 ARCH = "llama3"   # byte-level BPE that adds BOS
 TEXT = ("Once upon a time, there was a little girl who lived in a village near the forest. "
         "def add(a, b):\n    return a + b\n\nclass Point:\n    def __init__(self, x, y):\n"
@@ -277,7 +283,7 @@ def test_cli_json_with_hugging_face_reference(files, oracle):
     folder, paths, text = files
     tokens, n_chunks, rows, dist = oracle
     r = CliRunner().invoke(eval_cmd, [str(paths["F32"]), "-f", str(text), "--ref", str(folder),
-                                      "-c", str(N_CTX), "--json", "--no-progress"])
+                                      "-c", str(N_CTX), "--json", "--no-progress", *F32_CACHE])
     assert r.exit_code == 0, r.output
     d = json.loads(r.stdout)
     assert (d["n_chunks"], d["n_tokens"], d["ref"]) == (n_chunks, len(tokens), str(folder))
@@ -293,9 +299,9 @@ def test_cli_json_with_hugging_face_reference(files, oracle):
 def test_cli_table(files, oracle):
     _, paths, text = files
     r = CliRunner().invoke(eval_cmd, [str(paths["Q8_0"]), "-f", str(text), "--ref", str(paths["F32"]),
-                                      "-c", str(N_CTX), "--chunks", "2", "--no-progress"])
+                                      "-c", str(N_CTX), "--chunks", "2", "--no-progress", *F32_CACHE])
     assert r.exit_code == 0, r.output
-    for label in ("PPL", "Mean KLD", "99.0% KLD", "median KLD", "Same top p", "Mean PPL(Q)-PPL(base)"):
+    for label in ("PPL", "Mean KLD", "99.0% KLD", "Median KLD", "Same top p", "Mean PPL(Q)-PPL(base)"):
         assert label in r.stdout
     assert "2 chunks of 32" in r.stdout
 

@@ -60,6 +60,9 @@ def _pm(e, scale: float = 1.0, digits: int = 6) -> list[str]:
     return [f"{scale * e.value:.{digits}f}", f"{scale * e.unc:.{digits}f}"]
 
 
+LABELS = {"max": "Maximum", "median": "Median", "min": "Minimum"}   # llama-perplexity's words
+
+
 def result_rows(r) -> list[list[str]]:
     """The table of an EvalResult: llama-perplexity's final lines, in its order and units."""
     rows = [["PPL", *_pm(r.ppl, digits=4)]]
@@ -71,9 +74,9 @@ def result_rows(r) -> list[list[str]]:
              ["Mean ln(PPL(Q)/PPL(base))", *_pm(k.ln_ratio)],
              ["Mean PPL(Q)/PPL(base)", *_pm(k.ratio)], ["Mean PPL(Q)-PPL(base)", *_pm(k.ppl_diff)],
              ["Mean KLD", *_pm(k.kld)]]
-    rows += [[f"{name} KLD", f"{v:.6f}", ""] for name, v in k.kld_percentiles.items()]
+    rows += [[f"{LABELS.get(name, name)} KLD", f"{v:.6f}", ""] for name, v in k.kld_percentiles.items()]
     rows += [["Mean Δp", *[s + " %" for s in _pm(k.p_diff, 100, 3)]]]
-    rows += [[f"{name} Δp", f"{100 * v:.3f} %", ""] for name, v in k.p_diff_percentiles.items()]
+    rows += [[f"{LABELS.get(name, name)} Δp", f"{100 * v:.3f} %", ""] for name, v in k.p_diff_percentiles.items()]
     rows += [["RMS Δp", *[s + " %" for s in _pm(k.rms_p_diff, 100, 3)]],
              ["Same top p", *[s + " %" for s in _pm(k.same_top, 100, 3)]]]
     return rows
@@ -88,7 +91,7 @@ def result_rows(r) -> list[list[str]]:
                    "(converted to a temporary F32 GGUF).")
 @click.option("-c", "--ctx-size", type=int, default=512, show_default=True,
               help="Tokens per chunk; the second half of each chunk is scored.")
-@click.option("--chunks", type=int, default=None, help="Evaluate at most this many chunks (default: all).")
+@click.option("--chunks", type=click.IntRange(min=1), default=None, help="Evaluate at most this many chunks (default: all).")
 @click.option("-t", "--threads", type=int, default=None, help="CPU threads (default: all).")
 @click.option("-ngl", "--gpu-layers", default="0", show_default=True,
               help="Layers on the GPU (MODEL and REF alike), as llama.cpp's --n-gpu-layers: N, 'all' or 'auto'.")
@@ -100,7 +103,7 @@ def result_rows(r) -> list[list[str]]:
 @one_line_errors
 def eval_cmd(model: str, text_file: str, ref: str | None, ctx_size: int, chunks: int | None,
              threads: int | None, gpu_layers: str, gpu_memory: str | None, as_json: bool,
-             no_progress: bool, cache_type_k: str, cache_type_v: str) -> None:
+             no_progress: bool, **cache_kw) -> None:
     """Perplexity of a GGUF MODEL over a text, as llama-perplexity's; with --ref, the KL
     divergence of MODEL's next-token distributions from REF's, as llama-perplexity
     --kl-divergence (the reference recomputed beside MODEL, chunk by chunk)."""
@@ -110,21 +113,22 @@ def eval_cmd(model: str, text_file: str, ref: str | None, ctx_size: int, chunks:
                                            perplexity_tokens)
 
     text = read_text(text_file)
+    # cache_kw: the KV cache options of @cache_types, passed on as `run` passes them
     kw = dict(ctx_size=ctx_size, threads=threads, gpu_layers=gpu_layers, gpu_memory=gpu_memory,
-              cache_type_k=cache_type_k, cache_type_v=cache_type_v)
+              **cache_kw)
     with tempfile.TemporaryDirectory(prefix="ggforge-eval-") as tmp, _load(model, kw) as m:
         tokens = perplexity_tokens(m, text)
-        check_tokens(len(tokens), ctx_size, text_file)   # before a reference is converted
+        available = check_tokens(len(tokens), ctx_size, text_file)  # before REF is converted
+        total = available if chunks is None else min(chunks, available)
         ref_path = reference_gguf(ref, tmp) if ref is not None else None
         r_model = _load(ref_path, kw) if ref_path is not None else None
         try:
             if r_model is not None:   # refused before the progress bar starts
                 check_same_vocab(m, r_model, model, ref)
-            bar = tqdm(total=None, unit="chunk", disable=no_progress, file=sys.stderr,
+            bar = tqdm(total=total, unit="chunk", disable=no_progress, file=sys.stderr,
                        desc=Path(model).name)
 
             def progress(done: int, total: int, ppl: float) -> None:
-                bar.total = total
                 bar.set_postfix_str(f"ppl {ppl:.4f}", refresh=False)
                 bar.update(1)
 
