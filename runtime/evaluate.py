@@ -84,12 +84,36 @@ class EvalResult:
         return dataclasses.asdict(self)
 
 
+# -- the model ------------------------------------------------------------------------------
+class _ModelView:
+    """A runtime.model.Model seen as a LoadedModel: its file's tokenizer, and eval() of one
+    sequence from an empty cache (F32, as Model.new_cache's default)."""
+
+    def __init__(self, model):
+        from ggforge.runtime.tokenizer import Tokenizer
+
+        self.model = model
+        self.tokenizer = Tokenizer.from_metadata(model.gguf.metadata)
+        self.n_ctx = 1 << 30      # no cache of its own: each eval() makes one of its length
+
+    def eval(self, ids) -> np.ndarray:
+        cache = self.model.new_cache(len(ids))
+        return self.model.forward(np.asarray(ids), cache, all_logits=True)    # (n, n_vocab)
+
+
+def _evaluable(model):
+    """A LoadedModel (ggforge.load) as it is; a runtime.model.Model wrapped."""
+    from ggforge.runtime.model import Model
+
+    return _ModelView(model) if isinstance(model, Model) else model
+
+
 # -- tokens and chunks ---------------------------------------------------------------------
 def perplexity_tokens(model, text: str | bytes) -> list[int]:
     """The text's token ids as llama-perplexity takes them: common_tokenize(text,
     add_special=true, parse_special=false), i.e. BOS first when the vocabulary adds one
     (never EOS: llama-perplexity refuses such a vocabulary), special-token texts as text."""
-    tok = model.tokenizer
+    tok = _evaluable(model).tokenizer
     ids = tok.encode(text, add_special=False, parse_special=False)
     return ([tok.bos_id] if tok.add_bos else []) + ids
 
@@ -265,12 +289,13 @@ def kld_statistics(nll: np.ndarray, nll_base: np.ndarray, kld: np.ndarray, p_dif
 def evaluate(model, tokens: Sequence[int], n_ctx: int, *, ref=None, n_chunks: int | None = None,
              source: str = "the text", model_name: str = "the model", ref_name: str = "the reference",
              progress: Callable[[int, int, float], None] | None = None) -> EvalResult:
-    """Perplexity of ``model`` (a LoadedModel: ggforge.load(...)) over ``tokens`` (see
-    perplexity_tokens) in chunks of ``n_ctx``, at most ``n_chunks`` of them; with ``ref``
-    (a LoadedModel of the same vocabulary) also the KL divergence of the model's next-token
+    """Perplexity of ``model`` (a LoadedModel: ggforge.load(...), or a runtime.model.Model)
+    over ``tokens`` (see perplexity_tokens) in chunks of ``n_ctx``, at most ``n_chunks`` of
+    them; with ``ref`` (the same kinds, of the same vocabulary) also the KL divergence of the model's next-token
     distributions from the reference's, the reference run beside it chunk by chunk.
     ``progress(done, total, running_ppl)`` is called after each chunk. Errors (text too
     short, different vocabulary) are ValueErrors naming ``source``, ``ref_name``."""
+    model, ref = _evaluable(model), None if ref is None else _evaluable(ref)
     tokens = list(tokens)
     available = check_tokens(len(tokens), n_ctx, source)
     if n_chunks is not None and n_chunks < 1:

@@ -30,6 +30,7 @@ from model_factory import build_model
 from ggforge.convert.pipeline import convert
 from ggforge.runtime.evaluate import evaluate, perplexity_tokens
 from ggforge.runtime.generate import load as _load
+from ggforge.runtime.model import Model
 from ggforge.tools.eval_cli import eval_cmd
 
 N_CTX = 32
@@ -149,11 +150,18 @@ def test_perplexity_equals_llama_cpp_formula(files, oracle):
     with load(paths["F32"], n_ctx=N_CTX) as m:
         res = evaluate(m, tokens, N_CTX)
         two = evaluate(m, tokens, N_CTX, n_chunks=2)
+    raw = Model(paths["F32"])             # a runtime Model: F32 cache, its file's tokenizer
+    try:
+        assert perplexity_tokens(raw, TEXT) == tokens
+        bare = evaluate(raw, tokens, N_CTX)
+    finally:
+        raw.close()
     assert (res.n_chunks, res.n_scored, res.n_tokens) == (n_chunks, nll.size, len(tokens))
     # each nll moves by at most twice the largest logit difference
     tol = max(1e-6, 2 * max(dist["F32"]))
     assert abs(math.log(res.ppl.value / ppl)) < tol, (res.ppl, ppl, dist["F32"])
     assert abs(res.ppl.unc / unc - 1) < 1e-3, (res.ppl, unc)
+    assert abs(math.log(bare.ppl.value / ppl)) < tol and bare.n_scored == nll.size
     m2 = 2 * (N_CTX - 1 - N_CTX // 2)
     assert (two.n_chunks, two.n_scored) == (2, m2)
     assert abs(math.log(two.ppl.value) - nll[:m2].mean()) < tol
