@@ -56,6 +56,16 @@ def test_wheel_holds_every_module(wheel):
     assert not any(n.startswith("ggforge/tests/") or n.startswith("ggforge/scripts/") for n in names)
 
 
+def test_wheel_holds_the_default_calibration_text(wheel):
+    """Package data (pyproject.toml's package-data): `quantize --calibrate` without a file
+    reads convert/calibration/default.txt from the installed package."""
+    z = zipfile.ZipFile(wheel)
+    for name in ("default.txt", "README.md"):
+        path = f"ggforge/convert/calibration/{name}"
+        assert path in z.namelist(), f"{path} is not in the wheel (pyproject.toml's package-data?)"
+        assert z.read(path) == (ROOT / "convert" / "calibration" / name).read_bytes()
+
+
 def test_every_module_imports_from_the_installed_wheel(wheel, tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
@@ -68,6 +78,8 @@ def test_every_module_imports_from_the_installed_wheel(wheel, tmp_path):
             f"assert ggforge.__file__.startswith({str(venv)!r}), ggforge.__file__\n"
             f"for m in {mods!r}:\n"
             "    importlib.import_module(m)\n"
+            "from ggforge.convert.calibrate import DEFAULT_TEXT\n"   # package data, installed
+            f"assert str(DEFAULT_TEXT).startswith({str(venv)!r}) and DEFAULT_TEXT.stat().st_size\n"
             "print(len(sys.modules))\n")
     r = subprocess.run([str(py), "-I", "-c", code], capture_output=True, text=True, cwd=tmp_path,
                        env={"PATH": "/usr/bin:/bin", "TRITON_INTERPRET": "1"})
