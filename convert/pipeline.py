@@ -17,7 +17,10 @@ import numpy as np
 
 from ggforge.convert.plan import ConversionPlan, PlannedTensor, plan_conversion
 from ggforge.convert.mixes import FileType, MixOptions, parse_file_type
+from ggforge.convert.card import ImatrixInfo, card_kvs, is_card_key, mix_description, patch_report
+from ggforge.convert.plan import merge_kvs
 from ggforge.convert.quant_error import TensorErrors
+from ggforge.convert.report import QualityReport, quality_report, text_label
 from ggforge.convert.stages import Stages
 from ggforge.formats.atomic import atomic_output, check_output
 from ggforge.formats.errors import FormatError
@@ -39,6 +42,7 @@ class ConvertResult:
     n_params: int
     seconds: float
     by_type: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # type -> (tensors, params, bytes)
+    report: QualityReport | None = None                                     # with report=True
 
     @property
     def bits_per_weight(self) -> float:
@@ -55,26 +59,45 @@ def convert(source: str | Path, file_type: str | FileType, output: str | Path | 
             imatrix: dict[str, np.ndarray] | None = None,
             progress: Callable[[PlannedTensor, int], None] | None = None,
             on_plan: Callable[[ConversionPlan], None] | None = None,
-            errors: TensorErrors | None = None) -> ConvertResult:
+            errors: TensorErrors | None = None, card: bool = True,
+            imatrix_info: ImatrixInfo | None = None, report: bool = False,
+            report_progress=None) -> ConvertResult:
     """Convert a safetensors checkpoint (file, folder or index) into one GGUF file.
-    ``errors``, if given, collects each quantized tensor's error (convert/quant_error.py)."""
+
+    ``errors``, if given, collects each quantized tensor's error (convert/quant_error.py).
+    ``card``: write the quality card (convert/card.py; ``imatrix_info`` describes the
+    importance matrix). ``report``: measure the file against the source before it is put
+    in place (convert/report.py) and record the figures in the card."""
     t0 = time.perf_counter()
     ft = file_type if isinstance(file_type, FileType) else parse_file_type(file_type)
     plan = plan_conversion(source, ft, list(overrides), options)
+    if report and errors is None:
+        errors = TensorErrors()
+    if card:
+        kvs = card_kvs(plan.model_name, plan.inputs, mix_description(ft, options), imatrix=imatrix_info,
+                       report_text=text_label() if report else None)
+        plan.metadata = merge_kvs([kv for kv in plan.metadata if not is_card_key(kv.key)], kvs)
+    made: list[QualityReport] = []
+
+    def validate(path: Path) -> None:
+        _validate(path, plan)
+        if report:
+            rep = quality_report(path, Path(source), errors=errors, progress=report_progress)
+            patch_report(path, rep.figures(), len(writer.header_bytes()))
+            made.append(rep)
     try:
         out = Path(output) if output is not None else default_output(plan)
         check_output(out, plan.inputs, force=force)
         writer = _declare(plan)
         if on_plan is not None:
             on_plan(plan)
-        with atomic_output(out, planned_size=writer.planned_size,
-                           validate=lambda p: _validate(p, plan)) as f:
+        with atomic_output(out, planned_size=writer.planned_size, validate=validate) as f:
             writer.attach(f)
             writer.write_header()
             _write_tensors(writer, plan, imatrix, progress or (lambda t, n: None), errors)
             writer.finish()
         result = ConvertResult(out, ft.name, out.stat().st_size, plan.n_params,
-                               time.perf_counter() - t0)
+                               time.perf_counter() - t0, report=made[0] if made else None)
         for t in plan.tensors:
             n, p, b = result.by_type.get(t.qtype.name, (0, 0, 0))
             result.by_type[t.qtype.name] = (n + 1, p + t.n_elements, b + t.qtype.nbytes(t.shape))

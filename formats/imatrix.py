@@ -61,7 +61,31 @@ def _load_gguf(path: Path) -> dict[str, np.ndarray]:
         return out
 
 
-def _load_legacy(path: Path) -> dict[str, np.ndarray]:
+def imatrix_meta(path: str | Path) -> tuple[tuple[str, ...], int, int]:
+    """(datasets, chunk count, entry count) of an imatrix file, as llama-quantize reads
+    them (the legacy format: the chunk count and one dataset name after the entries, when
+    present; 0 and none when not)."""
+    path = Path(path)
+    data = load_imatrix(path)
+    with open(path, "rb") as f:
+        gguf_file = f.read(4) == b"GGUF"
+    if gguf_file:
+        with GGUFFile.open(path) as g:
+            ds = g.metadata["imatrix.datasets"]
+            return (tuple(ds) if isinstance(ds, (list, tuple)) else (str(ds),),
+                    int(g.metadata["imatrix.chunk_count"]), len(data))
+    _, tail = _load_legacy(path, with_tail=True)
+    chunks, datasets = 0, ()
+    if len(tail) >= 4:
+        (chunks,) = struct.unpack("<i", tail[:4])
+        if len(tail) >= 8:
+            (n,) = struct.unpack("<i", tail[4:8])
+            if 0 < n <= len(tail) - 8:
+                datasets = (tail[8:8 + n].decode("utf-8", "replace"),)
+    return datasets, max(chunks, 0), len(data)
+
+
+def _load_legacy(path: Path, with_tail: bool = False):
     raw = path.read_bytes()
     pos = 0
 
@@ -89,7 +113,7 @@ def _load_legacy(path: Path) -> dict[str, np.ndarray]:
             raise FormatError(f"{path}: entry {name!r} has {nval} values")
         sums = np.frombuffer(take(4 * nval, f"entry {name!r} values"), dtype="<f4").astype(np.float32)
         out[name] = sums / np.float32(ncall) if ncall > 0 else sums
-    return out
+    return (out, raw[pos:]) if with_tail else out
 
 
 def imatrix_for(imatrix: dict[str, np.ndarray] | None, name: str, n_per_row: int,
@@ -104,4 +128,4 @@ def imatrix_for(imatrix: dict[str, np.ndarray] | None, name: str, n_per_row: int
     return v
 
 
-__all__ = ["load_imatrix", "imatrix_for"]
+__all__ = ["load_imatrix", "imatrix_for", "imatrix_meta"]

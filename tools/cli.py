@@ -100,12 +100,15 @@ def cli(verbose: bool) -> None:
               help="llama.cpp importance matrix (GGUF or legacy .dat) for the K-quants.")
 @click.option("--allow-requantize", is_flag=True,
               help="Allow requantizing tensors of a GGUF source that are already quantized.")
+@click.option("--report", is_flag=True,
+              help="Measure the file against the source (KL divergence, top-1 agreement on a short "
+                   "built-in text) and record it in the file's quality card.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @one_line_errors
 def quantize_cmd(source: str, type_: str, output: str | None, force: bool, metas: tuple[str, ...],
                  output_tensor_type: str | None, token_embedding_type: str | None,
                  tensor_types: tuple[str, ...], pure: bool, imatrix_path: str | None,
-                 allow_requantize: bool, no_progress: bool) -> None:
+                 allow_requantize: bool, report: bool, no_progress: bool) -> None:
     """Convert SOURCE (a .safetensors file, a model folder, a sharded index, or a GGUF) to TYPE.
 
     TYPE (case-insensitive): F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q5_0 Q5_1 Q2_K Q3_K_S Q3_K_M Q3_K_L
@@ -122,11 +125,9 @@ def quantize_cmd(source: str, type_: str, output: str | None, force: bool, metas
                          token_embedding_type=_tensor_type(token_embedding_type),
                          tensor_types=[_pattern_type(p) for p in tensor_types], pure=pure,
                          has_imatrix=imatrix_path is not None, allow_requantize=allow_requantize)
-    imatrix = None
+    imatrix, imatrix_info = None, None
     if imatrix_path is not None:
-        from ggforge.formats.imatrix import load_imatrix
-
-        imatrix = load_imatrix(imatrix_path)
+        imatrix, imatrix_info = _read_imatrix(imatrix_path)
     bar: list[Any] = []
 
     current: list[Any] = [None]
@@ -150,7 +151,8 @@ def quantize_cmd(source: str, type_: str, output: str | None, force: bool, metas
 
     try:
         result = convert(source, type_, output, force=force, overrides=overrides, options=options,
-                         imatrix=imatrix, progress=progress, on_plan=on_plan)
+                         imatrix=imatrix, progress=progress, on_plan=on_plan, imatrix_info=imatrix_info,
+                         report=report, report_progress=_report_bar(no_progress) if report else None)
     finally:
         for b in bar:
             b.close()
@@ -160,6 +162,40 @@ def quantize_cmd(source: str, type_: str, output: str | None, force: bool, metas
     click.echo(f"\nwrote {result.output}  ({human_bytes(result.file_size)}, "
                f"{result.n_params:,} params, {result.bits_per_weight:.2f} bits/weight, "
                f"{result.seconds:.1f} s)")
+    if result.report is not None:
+        from ggforge.tools.quality_view import render_report
+
+        click.echo("\n" + render_report(result.report))
+
+
+def _read_imatrix(path: str):
+    """An importance matrix file's values and what the quality card says of it."""
+    import hashlib
+    from pathlib import Path
+
+    from ggforge.convert.card import ImatrixInfo
+    from ggforge.formats.imatrix import imatrix_meta, load_imatrix
+
+    values = load_imatrix(path)
+    datasets, chunks, entries = imatrix_meta(path)
+    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return values, ImatrixInfo(Path(path), digest, datasets, chunks, entries)
+
+
+def _report_bar(no_progress: bool):
+    """A progress callback for the report's evaluation (chunks done of total)."""
+    from tqdm import tqdm
+
+    bar: list[Any] = []
+
+    def progress(done: int, total: int, ppl: float) -> None:
+        if not bar:
+            bar.append(tqdm(total=total, unit="chunk", desc="quality report", disable=no_progress,
+                            file=sys.stderr, leave=False))
+        bar[0].update(done - bar[0].n)
+        if done == total:
+            bar[0].close()
+    return progress
 
 
 @click.command("inspect")
@@ -189,6 +225,13 @@ def inspect_cmd(path: str, as_json: bool, show_plan: bool, ctx_size: int | None,
     if s["metadata"]:
         click.echo("\nmetadata")
         click.echo(format_table(["key", "value"], [[k, _short(v)] for k, v in s["metadata"].items()]))
+        from ggforge.convert.card import card_of
+
+        card = card_of(s["metadata"])
+        if card:
+            from ggforge.tools.quality_view import render_card
+
+            click.echo("\n" + render_card(card))
     click.echo("\ntensors")
     click.echo(format_table(["name", "type", "shape", "bytes"],
                             [[_printable(t["name"]), t["type"], "x".join(map(str, t["shape"])) or "scalar", t["bytes"]]
@@ -274,7 +317,11 @@ def bench_quantize_cmd(source: str, types: str, repeat: int, workdir: str | None
                              "llama.cpp Mparam/s", "ratio"], rows))
 
 
-for _cmd in (quantize_cmd, inspect_cmd, bench_quantize_cmd, run_cmd, chat_cmd, bench_cmd, memory_cmd):
+from ggforge.tools.eval_cli import eval_cmd  # noqa: E402
+from ggforge.tools.imatrix_cli import imatrix_cmd  # noqa: E402
+
+for _cmd in (quantize_cmd, inspect_cmd, bench_quantize_cmd, run_cmd, chat_cmd, bench_cmd, memory_cmd,
+             imatrix_cmd, eval_cmd):
     cli.add_command(_cmd)
 
 
