@@ -8,7 +8,7 @@ import numpy as np
 
 from ggforge.runtime import kernels
 from ggforge.runtime.kv_cache import KVCache
-from ggforge.runtime.layers import ACTIVATIONS, apply_rope, attention, rms_norm, rope_cache
+from ggforge.runtime.layers import ACTIVATIONS, apply_rope, attention, flash_attention, rms_norm, rope_cache
 
 F32 = np.float32
 
@@ -121,6 +121,9 @@ class CpuOps:
     def attend(self, qkv, s, step: Step) -> np.ndarray:
         q, keys, values = qkv
         cache = step.cache
+        if cache.flash_attn:
+            return flash_attention(q, keys, values, step.pos, s.attn_scale, s.window, cache.n_ctx,
+                                   kernels.get_threads())                  # (n, n_head * dv)
         return attention(q, keys, values, step.pos, s.attn_scale, s.window,
                          k_f16=cache.k_f16, v_f16=cache.v_f16)      # (n, n_head * dv)
 

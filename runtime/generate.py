@@ -31,8 +31,9 @@ class LoadedModel:
 
     def __init__(self, path: str | Path, *, n_ctx: int | None = None,
                  gpu_layers: int | str = 0, gpu_memory: int | None = None, device=None,
-                 cache_type_k: str = "f32", cache_type_v: str = "f32"):
+                 cache_type_k: str = "f16", cache_type_v: str = "f16", flash_attn: str = "auto"):
         self.cache_types = (cache_dtype(cache_type_k), cache_dtype(cache_type_v))  # checked first
+        self.flash_attn = resolve_flash_attn(flash_attn, self.cache_types)
         self.model = Model(path)  # checks the metadata before building anything on it
         try:
             self.tokenizer = Tokenizer.from_metadata(self.model.gguf.metadata)
@@ -46,7 +47,7 @@ class LoadedModel:
                 self.plan = plan_offload(self.model, self.n_ctx, gpu_layers, gpu_memory, device,
                                          tuple(t.itemsize for t in self.cache_types))
                 self.model.offload(self.plan.gpu_layers, device)
-            self.cache = self.model.new_cache(self.n_ctx, *self.cache_types)
+            self.cache = self.model.new_cache(self.n_ctx, *self.cache_types, self.flash_attn)
         except BaseException:
             self.model.close()
             raise
@@ -72,7 +73,7 @@ class LoadedModel:
     def eval(self, token_ids: Sequence[int]) -> np.ndarray:
         """Logits (n_tokens, n_vocab) of a whole sequence, from an empty cache."""
         ids = self._check_ids(token_ids)
-        cache = self.model.new_cache(len(ids), *self.cache_types)
+        cache = self.model.new_cache(len(ids), *self.cache_types, self.flash_attn)
         return self.model.forward(np.asarray(ids), cache, all_logits=True)
 
     def _check_ids(self, token_ids: Sequence[int]) -> list[int]:
@@ -226,17 +227,36 @@ def plan_offload(model: Model, n_ctx: int, gpu_layers: int | str, gpu_memory: in
     return plan
 
 
+def resolve_flash_attn(flash_attn: str | bool, cache_types) -> bool:
+    """'on', 'off' or 'auto' (or a bool) -> whether the CPU layers attend as llama.cpp's
+    flash attention. 'auto' is on where llama.cpp's -fa auto turns it on and ggforge has
+    its arithmetic: an F16 key and value cache."""
+    f16 = all(np.dtype(t) == np.float16 for t in cache_types)
+    if isinstance(flash_attn, bool):
+        mode = "on" if flash_attn else "off"
+    else:
+        mode = str(flash_attn).lower()
+    if mode not in ("on", "off", "auto"):
+        raise ValueError(f"flash_attn must be 'on', 'off' or 'auto', got {flash_attn!r}")
+    if mode == "on" and not f16:
+        raise ValueError("flash attention (--flash-attn on) needs an F16 KV cache: "
+                         "--cache-type-k f16 --cache-type-v f16")
+    return mode == "on" or (mode == "auto" and f16)
+
+
 def load(path: str | Path, *, n_ctx: int | None = None, gpu_layers: int | str = 0,
-         gpu_memory: int | None = None, device=None, cache_type_k: str = "f32",
-         cache_type_v: str = "f32") -> LoadedModel:
+         gpu_memory: int | None = None, device=None, cache_type_k: str = "f16",
+         cache_type_v: str = "f16", flash_attn: str = "auto") -> LoadedModel:
     """Map a GGUF model and its tokenizer, ready to generate.
 
     ``gpu_layers`` (a count as llama.cpp's --n-gpu-layers, 'all' or 'auto') offloads the
     last layers to a CUDA device (needs ``pip install 'ggforge[gpu]'``); ``gpu_memory``
     overrides the free device memory the plan assumes. ``cache_type_k`` / ``cache_type_v``:
-    'f32' (the default: logits as llama.cpp's with an F32 cache) or 'f16' (half the memory,
-    llama.cpp's default, computed as llama.cpp computes it without flash attention) for the
-    CPU layers' KV cache.
+    'f16' (the default, as llama.cpp's) or 'f32' for the KV cache. ``flash_attn`` ('auto',
+    'on', 'off'): with an F16 cache the CPU layers compute attention as llama.cpp's CPU
+    flash attention does, which its default (-fa auto) picks; 'off' computes it as
+    llama.cpp without flash attention. An F32 cache gives llama.cpp's logits with -fa off
+    and an F32 cache.
     """
     return LoadedModel(path, n_ctx=n_ctx, gpu_layers=gpu_layers, gpu_memory=gpu_memory, device=device,
-                       cache_type_k=cache_type_k, cache_type_v=cache_type_v)
+                       cache_type_k=cache_type_k, cache_type_v=cache_type_v, flash_attn=flash_attn)

@@ -53,12 +53,16 @@ class KVCache:
     keys as ``dtype``, values as ``v_dtype`` (default: ``dtype``): F32 or F16."""
 
     def __init__(self, n_layer: int, n_ctx: int, n_head_kv: int, head_dim: int, head_dim_v: int,
-                 dtype=np.float32, v_dtype=None):
+                 dtype=np.float32, v_dtype=None, flash_attn: bool = False):
         self.n_ctx = n_ctx
         self.n_past = 0
         self.gpu = None  # the device layers' cache (runtime/gpu/backend.py), if any
         k_dtype = cache_dtype(dtype)
         v_dtype = k_dtype if v_dtype is None else cache_dtype(v_dtype)
+        # llama.cpp's flash-attention arithmetic over an F16 cache (layers.flash_attention)
+        self.flash_attn = bool(flash_attn)
+        if self.flash_attn and not k_dtype == v_dtype == np.float16:
+            raise ValueError("flash attention needs an F16 key and value cache")
         # Checked before allocating: numpy would raise MemoryError for an impossible size,
         # or (lazily zeroed pages) let a too-large cache fail later, mid-generation.
         ks, vs = k_dtype.itemsize, v_dtype.itemsize

@@ -129,6 +129,48 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, mode: str) -> np
     return out
 
 
+UBATCH = 512   # llama.cpp's default n_ubatch: a prompt's attention runs in steps of this many
+
+
+def flash_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray, scale: float,
+                    window: int, n_ctx: int, n_threads: int) -> np.ndarray:
+    """llama.cpp's CPU flash attention over an F16 cache (kernels/flash_attn.py), the
+    queries in its micro-batches of UBATCH: per step, the cells it views are the cache's
+    first max(256, used rounded up to 256) (at most n_ctx), and the step's size picks the
+    path (64 queries or more: tiles; one query over 512 cells or more: a chunk per thread).
+
+    q (n_tokens, n_head, d) float32; k, v (n_kv, n_head_kv, d) F16 values as float32."""
+    from ggforge.runtime.kernels import flash_attn as fa
+
+    n_tok, n_head, _ = q.shape
+    dv = v.shape[2]
+    out = np.empty((n_tok, n_head * dv), F32)
+    q16 = q.astype(np.float16).astype(F32)            # from_float of F16: nearest even
+    k, v = np.ascontiguousarray(k), np.ascontiguousarray(v)
+    for u0 in range(0, n_tok, UBATCH):
+        u1 = min(n_tok, u0 + UBATCH)
+        used = int(q_pos[u1 - 1]) + 1
+        n_view = min(n_ctx, max(256, -(-used // 256) * 256))
+        pos = np.ascontiguousarray(q_pos[u0:u1], np.int64)
+        if u1 - u0 >= fa.TILE_Q:
+            fa.attend_tiles(np.ascontiguousarray(q[u0:u1]), k, v, pos, F32(scale), int(window),
+                            n_view, _LANES[0] or _lanes(), out[u0:u1])
+        else:
+            fa.attend_chunks(np.ascontiguousarray(q16[u0:u1]), k, v, pos, F32(scale), int(window),
+                             n_view, int(n_threads), _LANES[0] or _lanes(), out[u0:u1])
+    return out
+
+
+_LANES = [0]
+
+
+def _lanes() -> int:
+    from ggforge.runtime.kernels.flash_attn import simd_lanes
+
+    _LANES[0] = simd_lanes()
+    return _LANES[0]
+
+
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray, scale: float,
               window: int = 0, *, k_f16: bool = False, v_f16: bool = False) -> np.ndarray:
     """Causal grouped-query attention over the cache.

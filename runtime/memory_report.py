@@ -149,15 +149,20 @@ def write_twin(path: str | Path, out: str | Path) -> Path:
     return out
 
 
-def warm_up(path: str | Path, n_prompt: int, cache_types: tuple[str, str] = ("f32", "f32")) -> None:
+def warm_up(path: str | Path, n_prompt: int, cache_types: tuple[str, str] = ("f32", "f32"),
+            flash_attn: str = "auto") -> None:
     """Compile and run every kernel ``path`` needs, on its twin (then closed)."""
+    from ggforge.runtime.generate import resolve_flash_attn
+    from ggforge.runtime.kv_cache import cache_dtype
     from ggforge.runtime.model import Model
+
+    flash = resolve_flash_attn(flash_attn, [cache_dtype(t) for t in cache_types])
 
     with tempfile.TemporaryDirectory() as tmp:
         m = Model(write_twin(path, Path(tmp) / "twin.gguf"))
         try:
             ids = np.arange(n_prompt) % TWIN_VOCAB
-            cache = m.new_cache(n_prompt + 2, *cache_types)
+            cache = m.new_cache(n_prompt + 2, *cache_types, flash)
             m.forward(ids, cache)                   # prefill kernels
             for i in range(2):                      # decode kernels
                 m.forward(ids[i:i + 1], cache)
@@ -197,17 +202,18 @@ class MemoryReport:
 
 
 def prime_kernel_cache(path: str | Path, n_prompt: int,
-                       cache_types: tuple[str, str] = ("f32", "f32")) -> None:
+                       cache_types: tuple[str, str] = ("f32", "f32"), flash_attn: str = "auto") -> None:
     """Run :func:`warm_up` in a child process, so that numba's disk cache holds every
     kernel before :func:`measure` runs: compiling in the measuring process would leave
     LLVM's memory in its baseline, and freed compiler memory for the model to reuse."""
     code = ("import sys; from ggforge.runtime.memory_report import warm_up; "
-            "warm_up(sys.argv[1], int(sys.argv[2]), tuple(sys.argv[3:5]))")
-    subprocess.run([sys.executable, "-c", code, str(path), str(n_prompt), *cache_types], check=True)
+            "warm_up(sys.argv[1], int(sys.argv[2]), tuple(sys.argv[3:5]), sys.argv[5])")
+    subprocess.run([sys.executable, "-c", code, str(path), str(n_prompt), *cache_types, flash_attn],
+                   check=True)
 
 
 def measure(path: str | Path, n_prompt: int = 128, n_gen: int = 64, n_ctx: int | None = None,
-            cache_types: tuple[str, str] = ("f32", "f32")) -> MemoryReport:
+            cache_types: tuple[str, str] = ("f32", "f32"), flash_attn: str = "auto") -> MemoryReport:
     """RSS after imports, the baseline (kernels warmed up on the twin), load, prefill of
     ``n_prompt`` tokens and ``n_gen`` greedy decode steps, in this process. The KV cache
     holds ``n_ctx`` tokens (default n_prompt + n_gen: all of it written), keys and values
@@ -216,11 +222,11 @@ def measure(path: str | Path, n_prompt: int = 128, n_gen: int = 64, n_ctx: int |
 
     path = Path(path)
     imports = rss_now()
-    warm_up(path, n_prompt, cache_types)
+    warm_up(path, n_prompt, cache_types, flash_attn)
     base = rss_now()
     peak_known = reset_peak()   # else VmHWM would include the warm-up's
     m = load(path, n_ctx=n_ctx or n_prompt + n_gen, cache_type_k=cache_types[0],
-             cache_type_v=cache_types[1])
+             cache_type_v=cache_types[1], flash_attn=flash_attn)
     try:
         rep = MemoryReport(str(path), path.stat().st_size, m.cache.nbytes, n_prompt, n_gen,
                            f"{m.cache.k.dtype.name}/{m.cache.v.dtype.name}".replace("float", "f"))

@@ -132,11 +132,13 @@ class Model:
             ))
 
     # -- forward ----------------------------------------------------------------------
-    def new_cache(self, n_ctx: int, dtype="f32", v_dtype=None) -> KVCache:
+    def new_cache(self, n_ctx: int, dtype="f32", v_dtype=None, flash_attn: bool = False) -> KVCache:
         """A KV cache of ``n_ctx`` positions, keys as ``dtype`` and values as ``v_dtype``
-        ('f32' or 'f16'; values default to the keys' type)."""
+        ('f32' or 'f16'; values default to the keys' type). ``flash_attn``: the CPU layers
+        attend as llama.cpp's flash attention does (an F16 cache only)."""
         c = self.config
-        cache = KVCache(self.n_cpu_layers, n_ctx, c.n_head_kv, c.head_dim, c.head_dim_v, dtype, v_dtype)
+        cache = KVCache(self.n_cpu_layers, n_ctx, c.n_head_kv, c.head_dim, c.head_dim_v, dtype, v_dtype,
+                        flash_attn)
         if self.gpu is not None:
             cache.gpu = self.gpu.new_cache(n_ctx, cache.k.dtype, cache.v.dtype)
         return cache

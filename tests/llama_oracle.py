@@ -10,14 +10,15 @@ from require import require
 llama_cpp = require("llama_cpp")
 
 
-def load(path: Path, n_ctx: int = 256, cache: str = "f32"):
+def load(path: Path, n_ctx: int = 256, cache: str = "f32", flash: bool = False):
     """A llama.cpp context over `path`, all logits kept, 2 threads, F32 KV cache (llama.cpp's
     default F16 cache would add its own rounding to every comparison; cache="f16" asks for
-    it, without flash attention)."""
+    it, without flash attention unless ``flash``: cache="f16", flash=True are llama.cpp's
+    defaults on the CPU)."""
     t = {"f32": llama_cpp.GGML_TYPE_F32, "f16": llama_cpp.GGML_TYPE_F16}[cache]
     return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
                            n_threads=2, logits_all=True, verbose=False, seed=0,
-                           type_k=t, type_v=t, flash_attn=False)
+                           type_k=t, type_v=t, flash_attn=flash)
 
 
 def logits(path: Path, token_ids: list[int], cache: str = "f32") -> np.ndarray:
@@ -50,10 +51,11 @@ def logits_stepwise(path: Path, token_ids: list[int], cache: str = "f32") -> np.
         llm.close()
 
 
-def greedy(path: Path, token_ids: list[int], n: int) -> list[int]:
+def greedy(path: Path, token_ids: list[int], n: int, defaults: bool = False) -> list[int]:
     """llama.cpp's greedy continuation of ``token_ids`` (the prompt as one batch, then its
-    one-token decode path), up to n tokens or an end-of-generation token."""
-    llm = load(path)
+    one-token decode path), up to n tokens or an end-of-generation token; with an F32
+    cache, or with ``defaults`` its default F16 cache and flash attention."""
+    llm = load(path, cache="f16", flash=True) if defaults else load(path)
     vocab = llama_cpp.llama_model_get_vocab(llm._model.model)
     try:
         llm.eval(token_ids)

@@ -36,17 +36,19 @@ def _llama_greedy(path, ids, n):
 
 
 def test_readme_python_example(gguf):
-    """ggforge.load with the keywords of the README; greedy generate() gives llama.cpp's
-    continuation (its one-token decode path) on the same file; eval() its shape."""
+    """ggforge.load with the keywords of the README (llama.cpp's defaults: F16 cache, flash
+    attention); greedy generate() gives llama.cpp's continuation with its defaults (its
+    one-token decode path) on the same file; eval() its shape."""
     path = gguf("llama3")
-    with ggforge.load(path, n_ctx=128, gpu_layers=0, cache_type_k="f32", cache_type_v="f32") as m:
+    with ggforge.load(path, n_ctx=128, gpu_layers=0, cache_type_k="f16", cache_type_v="f16",
+                      flash_attn="auto") as m:
         ids = m.tokenize(PROMPT)
         text = "".join(m.generate(PROMPT, max_tokens=8, temperature=0, repeat_last_n=0))
         toks = list(m.generate_tokens(ids, max_tokens=8, temperature=0, repeat_last_n=0))
         logits = m.eval(ids)
         detok = b"".join(m.tokenizer.token_to_piece(t, special=False) for t in toks).decode(
             "utf-8", "replace")
-    assert toks == _llama_greedy(path, ids, 8)
+    assert toks == llama_oracle.greedy(path, ids, 8, defaults=True)
     assert text == detok
     assert logits.shape == (len(ids), m.model.config.n_vocab)
 

@@ -324,9 +324,12 @@ def test_context_length_zero_in_the_file(gguf, tmp_path):
 
 
 def test_kv_cache_too_large_for_memory(gguf, no_compute):
+    # 2 layers x 10**12 tokens x 4 heads x (64 + 64) x 2 bytes (the default F16 cache)
     with pytest.raises(CacheTooLargeError, match=r"KV cache of 1000000000000 tokens needs "
-                                                 r"3,814,697\.27 GiB .* use a smaller --ctx-size"):
+                                                 r"1,907,348\.63 GiB .* use a smaller --ctx-size$"):
         load(gguf("smollm"), n_ctx=10**12)
+    with pytest.raises(CacheTooLargeError, match=r"3,814,697\.27 GiB .* or --cache-type-k/v f16"):
+        load(gguf("smollm"), n_ctx=10**12, cache_type_k="f32", cache_type_v="f32")
     one_error_line(run_cli(gguf("smollm"), "-p", "hi", "-c", str(10**12)), "KV cache", "GiB")
 
 

@@ -28,15 +28,15 @@ def sampling_options(fn):
     ] + cache_type_options()
     for o in reversed(opts):
         fn = o(fn)
-    return fn
+    return flash_attn_option(fn)
 
 
 def cache_type_options() -> list:
-    """--cache-type-k / --cache-type-v, as llama.cpp's (whose default is f16)."""
-    return [click.option(f"-ct{kv}", f"--cache-type-{kv}", f"cache_type_{kv}", default="f32",
+    """--cache-type-k / --cache-type-v, with llama.cpp's default (f16)."""
+    return [click.option(f"-ct{kv}", f"--cache-type-{kv}", f"cache_type_{kv}", default="f16",
                          show_default=True, type=click.Choice(["f32", "f16"], case_sensitive=False),
                          help=f"KV cache type for {'keys' if kv == 'k' else 'values'}, CPU and GPU "
-                              "(f16: half the memory, as llama.cpp's default).")
+                              "(f32: llama.cpp's logits with -ctk/-ctv f32 -fa off).")
             for kv in ("k", "v")]
 
 
@@ -44,6 +44,14 @@ def cache_types(fn):
     for o in reversed(cache_type_options()):
         fn = o(fn)
     return fn
+
+
+def flash_attn_option(fn):
+    """--flash-attn on|off|auto, llama.cpp's -fa (default auto)."""
+    return click.option("-fa", "--flash-attn", "flash_attn", default="auto", show_default=True,
+                        type=click.Choice(["on", "off", "auto"], case_sensitive=False),
+                        help="CPU attention as llama.cpp's flash attention (auto: with an F16 "
+                             "cache, as llama.cpp's default picks it).")(fn)
 
 
 def _settings(kw: dict):
@@ -65,7 +73,8 @@ def _load(path: str, kw: dict):
     mem = kw.get("gpu_memory")
     return load(path, n_ctx=kw.get("ctx_size"), gpu_layers=kw.get("gpu_layers") or 0,
                 gpu_memory=parse_bytes(mem) if mem else None,
-                cache_type_k=kw.get("cache_type_k") or "f32", cache_type_v=kw.get("cache_type_v") or "f32")
+                cache_type_k=kw.get("cache_type_k") or "f16", cache_type_v=kw.get("cache_type_v") or "f16",
+                flash_attn=kw.get("flash_attn") or "auto")
 
 
 @click.command("run")
@@ -202,9 +211,10 @@ def _bench_gpu(model, n_prompt: int, n_gen: int, repeat: int, threads: int | Non
 @click.option("-t", "--threads", type=int, default=None, help="CPU threads (default: all).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object instead of the table.")
 @cache_types
+@flash_attn_option
 @one_line_errors
 def memory_cmd(model: str, n_prompt: int, n_gen: int, ctx_size: int | None, threads: int | None,
-               as_json: bool, cache_type_k: str, cache_type_v: str) -> None:
+               as_json: bool, cache_type_k: str, cache_type_v: str, flash_attn: str) -> None:
     """Resident memory of running MODEL on the CPU, stage by stage, over a code-only baseline."""
     import json
     from dataclasses import asdict
@@ -218,8 +228,8 @@ def memory_cmd(model: str, n_prompt: int, n_gen: int, ctx_size: int | None, thre
 
     Model(model).close()   # a bad file: one line here, not a traceback from the child
     types = (cache_type_k.lower(), cache_type_v.lower())
-    prime_kernel_cache(model, n_prompt, types)
-    rep = measure(model, n_prompt, n_gen, ctx_size, types)
+    prime_kernel_cache(model, n_prompt, types, flash_attn.lower())
+    rep = measure(model, n_prompt, n_gen, ctx_size, types, flash_attn.lower())
     if as_json:
         click.echo(json.dumps({**asdict(rep), "growth": rep.growth, "ratio": rep.ratio(rep.growth)}))
     else:

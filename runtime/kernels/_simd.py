@@ -1,4 +1,4 @@
-"""Half-float conversions as LLVM IR (numba intrinsics).
+"""Half-float conversions and the fused multiply-add as LLVM IR (numba intrinsics).
 
 ``half(h)`` widens IEEE half bits to float32 with LLVM's ``fpext`` (``vcvtph2ps``),
 ``half_bits(x)`` rounds a float32 to half bits (``fptrunc``, ``vcvtps2ph``). (The
@@ -8,7 +8,7 @@ kernels' vector code is in _rows.py.)
 from __future__ import annotations
 
 from llvmlite import ir
-from numba.core import types
+from numba.core import cgutils, types
 from numba.extending import intrinsic
 
 _I16 = ir.IntType(16)
@@ -42,3 +42,18 @@ def half_bits(typingctx, x):
         return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), _I16)
 
     return types.uint16(x), codegen
+
+
+@intrinsic
+def fma32(typingctx, a, b, c):
+    """a * b + c on float32, rounded once (LLVM ``llvm.fma.f32``: ``vfmadd``), as ggml's
+    SIMD code and its compiler-contracted ``x*y + z`` compute it."""
+    if not (a == b == c == types.float32):
+        return None
+
+    def codegen(context, builder, signature, args):
+        f = ir.FloatType()
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f, [f, f, f]), "llvm.fma.f32")
+        return builder.call(fn, args)
+
+    return types.float32(a, b, c), codegen
