@@ -1,6 +1,7 @@
 """Prompt processing (pp) and token generation (tg) speed, ggforge beside llama.cpp.
 
-Both run the same file with the same number of threads in the same process. pp: one
+Both run the same file with the same number of threads in the same process, each with
+llama.cpp's defaults (an F16 KV cache, flash attention on the CPU). pp: one
 prefill of n_prompt tokens from an empty cache; tg: n_gen single-token decode steps after
 that. Each figure is the median of ``repeat`` runs after a warm-up.
 
@@ -34,17 +35,21 @@ class Speed:
 Timer = Callable[[], float]   # one run; returns its seconds
 
 
+# both engines with llama.cpp's defaults (llama-bench's too): an F16 cache, flash attention
+DEFAULT_CACHE = ("f16", "f16", True)
+
+
 def _ggforge_timers(model: Model, n_prompt: int, n_gen: int) -> tuple[Timer, Timer]:
     prompt = np.random.default_rng(0).integers(0, model.config.n_vocab, n_prompt)
 
     def pp() -> float:
-        cache = model.new_cache(n_prompt + n_gen)
+        cache = model.new_cache(n_prompt + n_gen, *DEFAULT_CACHE)
         t0 = time.perf_counter()
         model.forward(prompt, cache)
         return time.perf_counter() - t0
 
     def tg() -> float:
-        cache = model.new_cache(n_prompt + n_gen)
+        cache = model.new_cache(n_prompt + n_gen, *DEFAULT_CACHE)
         model.forward(prompt[:1], cache)
         t0 = time.perf_counter()
         for i in range(n_gen):
@@ -82,7 +87,7 @@ def _open_llama(path: Path, n_prompt: int, n_gen: int, threads: int):
         return None
     return llama_cpp.Llama(model_path=str(path), n_ctx=n_prompt + n_gen + 8, n_batch=n_prompt,
                            n_ubatch=n_prompt, n_threads=threads, n_threads_batch=threads,
-                           verbose=False)
+                           flash_attn=True, verbose=False)     # its default F16 cache
 
 
 def _measure(engines: dict[str, tuple[Timer, Timer]], n_prompt: int, n_gen: int,
