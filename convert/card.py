@@ -9,8 +9,9 @@ Keys (namespace ``ggforge.``, shown by ``ggforge inspect``):
     ggforge.source                the model's name; ggforge.source.files: its input files
     ggforge.mix                   the file type and the options that changed the mix
     ggforge.imatrix.sha256        the importance matrix file's digest, with
-    ggforge.imatrix.dataset       the calibration text(s) it names and
-    ggforge.imatrix.chunks        its chunk count
+    ggforge.imatrix.dataset       the calibration text(s) it names,
+    ggforge.imatrix.chunks        its chunk count and (quantize --calibrate)
+    ggforge.imatrix.dataset_sha256  the calibration text's digest
     ggforge.report.*              the quality report (convert/report.py): KL divergence
                                   and top-1 agreement against the source, the text they
                                   were measured on, the worst tensor's relative RMS error
@@ -43,13 +44,16 @@ REPORT_FIGURES = ("kld_mean", "kld_p99", "top1", "ppl_ratio", "worst_rel_rms")
 
 @dataclass(frozen=True)
 class ImatrixInfo:
-    """What the card says of an importance matrix file."""
+    """What the card says of an importance matrix: its file (None when quantize
+    --calibrate computed it in the same run) and the file's digest, the calibration text's
+    name(s) and, when known, that text's digest; its chunk and entry counts."""
 
-    path: Path
-    sha256: str
+    path: Path | None
+    sha256: str | None
     datasets: tuple[str, ...]
     chunks: int
     entries: int
+    dataset_sha256: str | None = None
 
 
 def package_version() -> str:
@@ -68,12 +72,16 @@ def card_kvs(model_name: str, inputs: list[Path], mix: str, *, imatrix: ImatrixI
            KV(PREFIX + "source.files", V.ARRAY, [p.name for p in inputs], V.STRING),
            KV(PREFIX + "mix", V.STRING, mix)]
     if imatrix is not None:
-        kvs += [KV(PREFIX + "imatrix.sha256", V.STRING, imatrix.sha256),
-                KV(PREFIX + "imatrix.dataset", V.ARRAY, list(imatrix.datasets), V.STRING),
-                KV(PREFIX + "imatrix.chunks", V.UINT32, imatrix.chunks),
-                # llama-quantize's keys (tools/quantize/quantize.cpp), as it writes them
-                KV("quantize.imatrix.file", V.STRING, str(imatrix.path)[:127]),
-                KV("quantize.imatrix.entries_count", V.INT32, imatrix.entries)]
+        if imatrix.sha256 is not None:
+            kvs.append(KV(PREFIX + "imatrix.sha256", V.STRING, imatrix.sha256))
+        kvs += [KV(PREFIX + "imatrix.dataset", V.ARRAY, list(imatrix.datasets), V.STRING),
+                KV(PREFIX + "imatrix.chunks", V.UINT32, imatrix.chunks)]
+        if imatrix.dataset_sha256 is not None:
+            kvs.append(KV(PREFIX + "imatrix.dataset_sha256", V.STRING, imatrix.dataset_sha256))
+        # llama-quantize's keys (tools/quantize/quantize.cpp), as it writes them
+        if imatrix.path is not None:
+            kvs.append(KV("quantize.imatrix.file", V.STRING, str(imatrix.path)[:127]))
+        kvs.append(KV("quantize.imatrix.entries_count", V.INT32, imatrix.entries))
         if imatrix.datasets:
             kvs.append(KV("quantize.imatrix.dataset", V.STRING, imatrix.datasets[0][:127]))
         if imatrix.chunks > 0:
@@ -113,8 +121,8 @@ def is_card_key(key: str) -> bool:
     return key.startswith((PREFIX, "quantize.imatrix."))
 
 
-def mix_description(file_type, options=None) -> str:
-    """The file type and the llama-quantize options that changed the mix, as typed."""
+def mix_description(file_type, options=None, imatrix: ImatrixInfo | None = None) -> str:
+    """The file type and the options that changed the mix, as typed."""
     parts = [file_type.name]
     if options is not None:
         if options.pure:
@@ -125,7 +133,7 @@ def mix_description(file_type, options=None) -> str:
             parts.append(f"--token-embedding-type {options.token_embedding_type}")
         parts += [f"--tensor-type {pat}={t}" for pat, t in options.tensor_types]
         if options.has_imatrix:
-            parts.append("--imatrix")
+            parts.append("--calibrate" if imatrix is not None and imatrix.path is None else "--imatrix")
     return " ".join(parts)
 
 

@@ -74,7 +74,7 @@ def convert(source: str | Path, file_type: str | FileType, output: str | Path | 
     if report and errors is None:
         errors = TensorErrors()
     if card:
-        kvs = card_kvs(plan.model_name, plan.inputs, mix_description(ft, options), imatrix=imatrix_info,
+        kvs = card_kvs(plan.model_name, plan.inputs, mix_description(ft, options, imatrix_info), imatrix=imatrix_info,
                        report_text=text_label() if report else None)
         plan.metadata = merge_kvs([kv for kv in plan.metadata if not is_card_key(kv.key)], kvs)
     made: list[QualityReport] = []

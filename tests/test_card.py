@@ -149,3 +149,34 @@ def test_inspect_shows_the_card_and_quantize_the_report(model, tmp_path):
     r = CliRunner().invoke(cli, ["inspect", str(out)], catch_exceptions=False)
     assert r.exit_code == 0 and "how it was made" in r.output and "Q8_0" in r.output
     assert "mean KLD" in r.output
+
+
+def test_quantize_calibrate_in_one_step(model, tmp_path):
+    """quantize SRC q4 --calibrate FILE: the importance matrix of the source's own weights
+    over FILE (as ggforge imatrix computes it: convert/calibrate.py), then llama-quantize's
+    bytes with it (llama_model_quantize of the F32 file, the same matrix), and a card that
+    names the text and its digest."""
+    import hashlib
+
+    from ggforge.convert.calibrate import calibrate
+    from test_mixes import assert_same_tensors, llama_quantize
+
+    text = ROOT / "tests" / "data" / "imatrix" / "calibration.txt"
+    out = tmp_path / "q4.gguf"
+    r = CliRunner().invoke(cli, ["quantize", str(model), "q4", "--calibrate", str(text), "--calibrate-ctx", "64",
+                                 "-o", str(out), "--no-progress"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    cal = calibrate(model, text, n_ctx=64, workdir=tmp_path)
+    f32 = convert(model, "f32", tmp_path / "f32.gguf", card=False).output
+    theirs = tmp_path / "theirs.gguf"
+    llama_quantize(f32, theirs, "Q4_K_M", imatrix=cal.imatrix)
+    assert_same_tensors(out, theirs)
+    with GGUFFile.open(out) as g:
+        md = g.metadata
+    assert md["ggforge.mix"] == "Q4_K_M --calibrate"
+    assert md["ggforge.imatrix.dataset_sha256"] == hashlib.sha256(text.read_bytes()).hexdigest()
+    assert md["ggforge.imatrix.chunks"] == cal.n_chunks == md["quantize.imatrix.chunks_count"]
+    assert "quantize.imatrix.file" not in md and list(md["ggforge.imatrix.dataset"]) == [str(text)]
+    r = CliRunner().invoke(cli, ["quantize", str(model), "q4", "--calibrate", "--imatrix", str(THEIRS),
+                                 "-o", str(tmp_path / "x.gguf")])
+    assert r.exit_code != 0 and "give one of them" in r.output

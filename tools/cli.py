@@ -100,6 +100,11 @@ def cli(verbose: bool) -> None:
               help="llama.cpp importance matrix (GGUF or legacy .dat) for the K-quants.")
 @click.option("--allow-requantize", is_flag=True,
               help="Allow requantizing tensors of a GGUF source that are already quantized.")
+@click.option("--calibrate", "calibrate_text", is_flag=False, flag_value="", default=None, metavar="[FILE]",
+              help="Compute an importance matrix from the source's own weights over FILE (default: "
+                   "a built-in text of prose, code and several languages) and quantize with it.")
+@click.option("--calibrate-ctx", default=512, show_default=True, help="--calibrate: tokens per chunk.")
+@click.option("--calibrate-chunks", type=int, default=None, help="--calibrate: at most this many chunks.")
 @click.option("--report", is_flag=True,
               help="Measure the file against the source (KL divergence, top-1 agreement on a short "
                    "built-in text) and record it in the file's quality card.")
@@ -108,7 +113,8 @@ def cli(verbose: bool) -> None:
 def quantize_cmd(source: str, type_: str, output: str | None, force: bool, metas: tuple[str, ...],
                  output_tensor_type: str | None, token_embedding_type: str | None,
                  tensor_types: tuple[str, ...], pure: bool, imatrix_path: str | None,
-                 allow_requantize: bool, report: bool, no_progress: bool) -> None:
+                 allow_requantize: bool, calibrate_text: str | None, calibrate_ctx: int,
+                 calibrate_chunks: int | None, report: bool, no_progress: bool) -> None:
     """Convert SOURCE (a .safetensors file, a model folder, a sharded index, or a GGUF) to TYPE.
 
     TYPE (case-insensitive): F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q5_0 Q5_1 Q2_K Q3_K_S Q3_K_M Q3_K_L
@@ -121,12 +127,19 @@ def quantize_cmd(source: str, type_: str, output: str | None, force: bool, metas
     from ggforge.convert.pipeline import convert
 
     overrides = [parse_meta(m) for m in metas]
+    if calibrate_text is not None and imatrix_path is not None:
+        raise click.UsageError("--calibrate computes the importance matrix; --imatrix reads one: give one of them")
+    if calibrate_text is not None:
+        imatrix_path = ""    # the mix's imatrix rules apply
     options = MixOptions(output_type=_tensor_type(output_tensor_type),
                          token_embedding_type=_tensor_type(token_embedding_type),
                          tensor_types=[_pattern_type(p) for p in tensor_types], pure=pure,
                          has_imatrix=imatrix_path is not None, allow_requantize=allow_requantize)
     imatrix, imatrix_info = None, None
-    if imatrix_path is not None:
+    if calibrate_text is not None:
+        imatrix, imatrix_info = _calibrate(source, calibrate_text or None, calibrate_ctx,
+                                           calibrate_chunks, output, no_progress)
+    elif imatrix_path is not None:
         imatrix, imatrix_info = _read_imatrix(imatrix_path)
     bar: list[Any] = []
 
@@ -180,6 +193,40 @@ def _read_imatrix(path: str):
     datasets, chunks, entries = imatrix_meta(path)
     digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
     return values, ImatrixInfo(Path(path), digest, datasets, chunks, entries)
+
+
+def _calibrate(source: str, text: str | None, n_ctx: int, n_chunks: int | None, output: str | None,
+               no_progress: bool):
+    """quantize --calibrate: the importance matrix of the source's own weights."""
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from ggforge.convert.calibrate import calibrate
+    from ggforge.convert.card import ImatrixInfo
+
+    bars: dict[str, Any] = {}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        bar = bars.get(stage)
+        if bar is None:
+            desc = "calibration: converting" if stage == "convert" else "calibration: imatrix"
+            bar = bars[stage] = tqdm(total=total, desc=desc, disable=no_progress, file=sys.stderr,
+                                     unit="param" if stage == "convert" else "chunk", unit_scale=True,
+                                     leave=False)
+        bar.update(done - bar.n)
+
+    src = Path(source)
+    workdir = Path(output).parent if output else (src if src.is_dir() else src.parent)
+    try:
+        cal = calibrate(source, text, n_ctx=n_ctx, n_chunks=n_chunks, workdir=workdir, progress=progress)
+    finally:
+        for bar in bars.values():
+            bar.close()
+    click.echo(f"calibrated on {cal.dataset}: {cal.n_chunks} chunks of {cal.n_ctx} tokens "
+               f"({cal.precision} weights, source perplexity {cal.ppl:.4f})", err=True)
+    return cal.imatrix, ImatrixInfo(None, None, (cal.dataset,), cal.n_chunks, len(cal.imatrix),
+                                    dataset_sha256=cal.sha256)
 
 
 def _report_bar(no_progress: bool):

@@ -36,7 +36,7 @@ def render_report(rep) -> str:
 
 _LABELS = {"version": "made by ggforge", "source": "source", "source.files": "source files",
            "mix": "mix", "imatrix.sha256": "imatrix sha256", "imatrix.dataset": "imatrix dataset",
-           "imatrix.chunks": "imatrix chunks", "report.text": "report text",
+           "imatrix.chunks": "imatrix chunks", "imatrix.dataset_sha256": "imatrix dataset sha256", "report.text": "report text",
            "report.kld_mean": "mean KLD", "report.kld_p99": "99% KLD", "report.top1": "same top token",
            "report.ppl_ratio": "PPL ratio", "report.worst_rel_rms": "worst tensor rel. RMS error"}
 
