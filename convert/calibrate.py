@@ -17,7 +17,8 @@ What `quantize SRC q4 --calibrate [FILE]` does, as llama.cpp's three steps would
 2. the importance matrix over the calibration text is computed exactly as `ggforge
    imatrix` computes it (runtime/imatrix.py: the text tokenized whole, cut into chunks of
    ``n_ctx`` tokens each starting with BOS, every dense product's input of the layers
-   collected), on the CPU with an F32 KV cache. As llama-imatrix, it needs at least two
+   collected), on the CPU with llama-imatrix's defaults (an F16 KV cache, flash attention).
+   As llama-imatrix, it needs at least two
    chunks: a shorter text is one error naming the text, its token count and ``n_ctx``,
    raised before any tensor is converted;
 3. the temporary folder (in ``workdir``: give the output's folder, so that the file lies
@@ -87,14 +88,18 @@ class Calibration:
 
 def calibrate(source: str | Path, text: str | Path | None = None, *, n_ctx: int = DEFAULT_CTX,
               n_chunks: int | None = None, workdir: str | Path | None = None,
-              progress: Progress | None = None, precision: str | None = None) -> Calibration:
+              progress: Progress | None = None, precision: str | None = None,
+              cache_types: tuple[str, str] = ("f16", "f16"), flash_attn: str = "auto") -> Calibration:
     """The importance matrix of ``source`` over the text file ``text`` (None: the default
     text), computed as `ggforge imatrix SOURCE -f TEXT -c N_CTX --chunks N_CHUNKS` does.
 
     ``n_chunks``: evaluate at most that many chunks (None: all of them). ``workdir``: where
     the temporary GGUF is written (None: the system's temporary folder). ``precision``:
     'F32', 'F16' or 'BF16' for the temporary file (None: the source's own, see the module
-    docstring); ignored for a GGUF source, which is used as it is."""
+    docstring); ignored for a GGUF source, which is used as it is. ``cache_types`` and
+    ``flash_attn``: the KV cache and attention arithmetic, llama-imatrix's defaults (an F16
+    cache, flash attention on the CPU); ("f32", "f32") and "off" give its sums with
+    -ctk f32 -ctv f32 -fa off."""
     from ggforge.runtime.generate import load
     from ggforge.runtime.imatrix import MIN_ROWS, compute_imatrix, make_chunks, read_text, text_tokens
 
@@ -118,7 +123,8 @@ def calibrate(source: str | Path, text: str | Path | None = None, *, n_ctx: int 
         counted["ids"] = ids
 
     with _float_gguf(source, workdir, precision, check, progress) as (gguf, ftype):
-        with load(gguf, n_ctx=n_ctx, cache_type_k="f32", cache_type_v="f32", flash_attn="off") as lm:
+        with load(gguf, n_ctx=n_ctx, cache_type_k=cache_types[0], cache_type_v=cache_types[1],
+                  flash_attn=flash_attn) as lm:
             tok = lm.tokenizer
             if "ids" not in counted:          # a GGUF source: its tokenizer is the file's
                 check(tok)
@@ -131,7 +137,8 @@ def calibrate(source: str | Path, text: str | Path | None = None, *, n_ctx: int 
                                  bos=tok.bos_id if tok.add_bos else None, what=dataset)
             total = len(chunks)
             step = None if progress is None else (lambda i, _ppl: progress("imatrix", i + 1, total))
-            result = compute_imatrix(lm.model, chunks, dataset=dataset, progress=step)
+            result = compute_imatrix(lm.model, chunks, dataset=dataset, progress=step,
+                                     cache_types=cache_types, flash_attn=lm.flash_attn)
     data = result.data
     log.info("calibration: %d chunks of %d tokens of %s (%d tokens), %d entries, %s weights",
              result.n_chunks, n_ctx, dataset, len(ids), len(data.entries), ftype)

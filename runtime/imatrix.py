@@ -195,6 +195,7 @@ class _Perplexity:
 
 def compute_imatrix(model, chunks: np.ndarray, *, dataset: str, process_output: bool = False,
                     compute_ppl: bool = True, cache_types: tuple[str, str] = ("f32", "f32"),
+                    flash_attn: bool = False,
                     progress: Callable[[int, float | None], None] | None = None) -> ImatrixResult:
     """Evaluate each chunk (n_chunk, n_ctx) of ``model`` (runtime/model.py, every layer on
     the CPU) from an empty cache and collect the inputs of its matrix products.
@@ -210,7 +211,7 @@ def compute_imatrix(model, chunks: np.ndarray, *, dataset: str, process_output: 
     n_chunk, n_ctx = chunks.shape
     collector = Collector(process_output)
     ppl = _Perplexity() if compute_ppl else None
-    cache = model.new_cache(n_ctx, *cache_types)
+    cache = model.new_cache(n_ctx, *cache_types, flash_attn)
     first = n_ctx // 2
     for i, chunk in enumerate(chunks):
         cache.truncate(0)

@@ -50,7 +50,9 @@ def in_data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cal_f32(in_data):
-    return calibrate(MODEL, TEXT, n_ctx=64, workdir=in_data, precision="F32")
+    # as the committed llama-imatrix file was made: -fa off -ctk f32 -ctv f32
+    return calibrate(MODEL, TEXT, n_ctx=64, workdir=in_data, precision="F32", cache_types=("f32", "f32"),
+                     flash_attn="off")
 
 
 @pytest.fixture(scope="module")
@@ -58,9 +60,9 @@ def cal_bf16(in_data):
     return calibrate(MODEL, TEXT, n_ctx=64, workdir=in_data)
 
 
-def _imatrix_cli(model, out: Path) -> Path:
+def _imatrix_cli(model, out: Path, *opts: str) -> Path:
     r = CliRunner().invoke(imatrix_cmd, [str(model), "-f", TEXT, "-c", "64", "-o", str(out),
-                                         "--no-progress"], catch_exceptions=False)
+                                         "--no-progress", *opts], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     return out
 
@@ -81,7 +83,8 @@ def _assert_same_matrix(cal, path: Path) -> None:
 def test_f32_calibration_is_ggforge_imatrix_of_the_folder(cal_f32, in_data):
     """`ggforge imatrix FOLDER` converts to F32 itself: the same matrix."""
     assert cal_f32.precision == "F32"
-    _assert_same_matrix(cal_f32, _imatrix_cli(MODEL, in_data / "cli-f32.gguf"))
+    _assert_same_matrix(cal_f32, _imatrix_cli(MODEL, in_data / "cli-f32.gguf",
+                                              "-ctk", "f32", "-ctv", "f32", "-fa", "off"))
 
 
 def test_default_calibration_is_ggforge_imatrix_of_the_bf16_file(cal_bf16, in_data):

@@ -34,6 +34,9 @@ THEIRS = DATA / "pystdlib-6m-c64.imatrix.gguf"
 THEIRS_DAT_SHA256 = "2b87746c2c89ec60ea410550f6bcbe6807c9da8d7d7bc21195b4ae5ffb3dbbba"
 # Largest relative difference of a sum to llama.cpp's, measured: see test_sums_match
 SUM_RTOL = 1e-5
+# how the committed file was made: llama-imatrix with -fa off and an F32 cache
+ORACLE_OPTS = ["-ctk", "f32", "-ctv", "f32", "-fa", "off"]
+THEIRS_DEFAULTS = DATA / "pystdlib-6m-c64-defaults.imatrix.gguf"   # llama-imatrix's defaults
 
 
 def _run(args):
@@ -67,7 +70,7 @@ def ours(f32, tmp_path_factory) -> dict[str, Path]:
         for fmt in ("gguf", "dat"):
             files[fmt] = out / f"ours.{fmt}"
             r = _run([str(f32), "-f", TEXT, "-c", "64", "-o", str(files[fmt]),
-                      "--output-format", fmt, "--no-progress"])
+                      "--output-format", fmt, "--no-progress", *ORACLE_OPTS])
             assert r.exit_code == 0, r.output
             assert "22 chunks of 64 tokens" in r.output and "PPL = " in r.output
     return files
@@ -299,7 +302,8 @@ def test_hf_folder_gives_the_same_file(ours, tmp_path):
     out = tmp_path / "hf.gguf"
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(DATA)
-        r = _run([str(MODEL), "-f", TEXT, "-c", "64", "-o", str(out), "--no-ppl", "--no-progress"])
+        r = _run([str(MODEL), "-f", TEXT, "-c", "64", "-o", str(out), "--no-ppl", "--no-progress",
+                  *ORACLE_OPTS])
     assert r.exit_code == 0, r.output
     assert out.read_bytes() == ours["gguf"].read_bytes()
 
@@ -328,3 +332,23 @@ def test_bad_input_is_one_line(f32, tmp_path):
     _one_line_error(_run([str(f32), "-f", str(text), "-o", str(existing)]), "--force")
     assert existing.read_bytes() == THEIRS.read_bytes()
     assert not list(tmp_path.glob("*.partial"))
+
+
+def test_defaults_match_llama_imatrix_defaults(f32, tmp_path):
+    """Both with their defaults (an F16 cache, flash attention on the CPU): the same counts,
+    and sums within 1e-3 worst, 1e-4 median (measured 2.2e-4 and 1.9e-5: the F16 cache
+    rounds keys and values that differ in their last float32 bits now and then to
+    different halves; without flash attention ggforge's were 5.1e-4 and 2.3e-5 from
+    llama.cpp's defaults)."""
+    out = tmp_path / "default.gguf"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(DATA)
+        r = _run([str(f32), "-f", TEXT, "-c", "64", "-o", str(out), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    a, b = read_imatrix_stats(out), read_imatrix_stats(THEIRS_DEFAULTS)
+    assert list(a.entries) == list(b.entries)
+    rel = []
+    for name, e in b.entries.items():
+        assert np.array_equal(a.entries[name].counts, e.counts), name
+        rel.append(float(np.abs(a.entries[name].sums - e.sums).max() / np.abs(e.sums).max()))
+    assert max(rel) < 1e-3 and float(np.median(rel)) < 1e-4, (max(rel), np.median(rel))

@@ -18,14 +18,17 @@ from typing import Iterator
 
 import click
 
+from ggforge.runtime.generate import resolve_flash_attn
+from ggforge.runtime.kv_cache import cache_dtype
 from ggforge.tools.errors import one_line_errors
+from ggforge.tools.run_cli import flash_attn_option
 
 
 def _cache_type(kv: str):
-    return click.option(f"-ct{kv}", f"--cache-type-{kv}", f"cache_type_{kv}", default="f32",
+    return click.option(f"-ct{kv}", f"--cache-type-{kv}", f"cache_type_{kv}", default="f16",
                         show_default=True, type=click.Choice(["f32", "f16"], case_sensitive=False),
-                        help=f"KV cache type for {'keys' if kv == 'k' else 'values'} (f32: "
-                             "llama-imatrix's sums with -ctk f32 -ctv f32 -fa off).")
+                        help=f"KV cache type for {'keys' if kv == 'k' else 'values'} (as llama-imatrix's; "
+                             "-ctk f32 -ctv f32 -fa off: its sums with those options).")
 
 
 @contextlib.contextmanager
@@ -82,11 +85,12 @@ def _check_is_model(path: Path) -> None:
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @_cache_type("k")
 @_cache_type("v")
+@flash_attn_option
 @one_line_errors
 def imatrix_cmd(model: str, text: str, output: str, fmt: str, ctx_size: int, chunks: int,
                 from_chunk: int, process_output: bool, ppl: bool, parse_special: bool,
                 threads: int | None, gpu_layers: str, force: bool, no_progress: bool,
-                cache_type_k: str, cache_type_v: str) -> None:
+                cache_type_k: str, cache_type_v: str, flash_attn: str) -> None:
     """Importance matrix of MODEL (a GGUF, or a Hugging Face model folder) over the text
     of -f, for `quantize --imatrix`: per weight of the layers, the sums of the squared
     input activations per column and their counts, in llama.cpp's imatrix format."""
@@ -109,6 +113,8 @@ def imatrix_cmd(model: str, text: str, output: str, fmt: str, ctx_size: int, chu
         kernels.set_threads(threads)
     with _gguf_model(model, no_progress) as path:
         _check_is_model(path)
+        types = (cache_type_k.lower(), cache_type_v.lower())
+        flash = resolve_flash_attn(flash_attn, [cache_dtype(t) for t in types])
         m = Model(path)
         try:
             tok = Tokenizer.from_metadata(m.gguf.metadata)
@@ -126,7 +132,7 @@ def imatrix_cmd(model: str, text: str, output: str, fmt: str, ctx_size: int, chu
             try:
                 result = compute_imatrix(m, batches, dataset=text, process_output=process_output,
                                          compute_ppl=ppl, progress=progress,
-                                         cache_types=(cache_type_k.lower(), cache_type_v.lower()))
+                                         cache_types=types, flash_attn=flash)
             finally:
                 bar.close()
         finally:
