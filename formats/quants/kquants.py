@@ -22,8 +22,6 @@ and the slices run on a shared thread pool (see k_common.driver for why not pran
 from __future__ import annotations
 
 import importlib
-import os
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import gguf
@@ -31,17 +29,10 @@ import numpy as np
 
 from ggforge.formats.errors import QuantizationError
 from ggforge.formats.quants.registry import QuantType, register
+from ggforge.formats.workers import executor, get_threads
 
 # Below this many blocks per slice a thread costs more than it saves.
 _MIN_BLOCKS_PER_THREAD = 64
-_POOL: ThreadPoolExecutor | None = None
-
-
-def _n_threads() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def _kernel(module: str, name: str) -> Callable:
@@ -57,16 +48,13 @@ def run_sliced(kernel: Callable, n_items: int, *arrays,
     slice per thread (each slice at least ``min_items`` long); other arguments, arrays
     of another length included, go to every slice unchanged.
     """
-    global _POOL
-    parts = min(_n_threads(), n_items // max(1, min_items))
+    parts = min(get_threads(), n_items // max(1, min_items))
     if parts <= 1:
         kernel(*arrays)
         return
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=_n_threads(), thread_name_prefix="ggforge-quant")
     bounds = [n_items * k // parts for k in range(parts + 1)]
     futures = [
-        _POOL.submit(kernel, *(a[lo:hi] if isinstance(a, np.ndarray) and a.shape[:1] == (n_items,)
+        executor().submit(kernel, *(a[lo:hi] if isinstance(a, np.ndarray) and a.shape[:1] == (n_items,)
                                else a for a in arrays))
         for lo, hi in zip(bounds[:-1], bounds[1:])
     ]

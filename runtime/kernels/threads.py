@@ -4,40 +4,17 @@ The kernels release the GIL, so plain Python threads run them in parallel. The c
 thread takes the last range itself; a small product runs on the caller alone, because
 waking a thread costs tens of microseconds, as much as a 576 x 576 matrix-vector product.
 (The decode products of most quantized types take pool.py's spinning workers instead.)
+The thread count and the pool are the package's one (formats/workers.py).
 """
 
 from __future__ import annotations
 
-import os
-from concurrent.futures import ThreadPoolExecutor
+from ggforge.formats.workers import executor, get_threads, set_threads
 
-_state = {"n": max(1, len(os.sched_getaffinity(0))), "pool": None}
+__all__ = ["get_threads", "set_threads", "split_rows", "run_rows"]
 
 # Below this many weight bytes per thread a product runs on the calling thread only.
 MIN_BYTES_PER_THREAD = 1 << 19
-
-
-def set_threads(n: int | None = None) -> None:
-    """Use ``n`` threads (default: every core this process may run on)."""
-    n = len(os.sched_getaffinity(0)) if n is None else int(n)
-    if n < 1:
-        raise ValueError(f"set_threads needs n >= 1, got {n}")
-    old = _state["pool"]
-    _state.update(n=n, pool=None)
-    if old is not None:
-        old.shutdown(wait=False)
-
-
-def get_threads() -> int:
-    """The number of threads the kernels use."""
-    return _state["n"]
-
-
-def _pool(workers: int) -> ThreadPoolExecutor:
-    pool = _state["pool"]
-    if pool is None or pool._max_workers < workers:
-        pool = _state["pool"] = ThreadPoolExecutor(workers, thread_name_prefix="ggforge-kernel")
-    return pool
 
 
 def split_rows(n_rows: int, n_parts: int, align: int) -> list[tuple[int, int]]:
@@ -51,12 +28,12 @@ def split_rows(n_rows: int, n_parts: int, align: int) -> list[tuple[int, int]]:
 
 def run_rows(fn, args: tuple, n_rows: int, nbytes: int, align: int = 1) -> None:
     """Call ``fn(*args, r0, r1)`` over row ranges covering [0, n_rows), in parallel."""
-    n = min(_state["n"], max(1, nbytes // MIN_BYTES_PER_THREAD), max(1, n_rows // align))
+    n = min(get_threads(), max(1, nbytes // MIN_BYTES_PER_THREAD), max(1, n_rows // align))
     if n <= 1:
         fn(*args, 0, n_rows)
         return
     ranges = split_rows(n_rows, n, align)
-    futures = [_pool(len(ranges) - 1).submit(fn, *args, r0, r1) for r0, r1 in ranges[:-1]]
+    futures = [executor(len(ranges) - 1).submit(fn, *args, r0, r1) for r0, r1 in ranges[:-1]]
     fn(*args, *ranges[-1])
     for f in futures:
         f.result()
