@@ -18,20 +18,22 @@ llama-cpp-python 0.3.36) that must give the same bits, so the rules are strict:
 
 The scale searches (make_qx_quants and friends) are in k_search.
 
-numba's on-disk cache keys a function on its own file only: a kernel in k_q4_q5 keeps
-the code it inlined from here until its own cache entry goes. After editing this file,
-k_search or k_lanes, delete ``formats/quants/__pycache__/*.nbi`` and ``*.nbc``.
+The numba decorators, bit casts and tables are the package's (formats/jit.py); its guard
+drops this folder's cached kernels when any source here or there changes (numba keys a
+cached function on its own file only).
 """
 
 from __future__ import annotations
 
-import numba
-import numpy as np
-from llvmlite import ir
-from numba.core import cgutils, errors, types
-from numba.extending import intrinsic
+from pathlib import Path
 
-F = np.float32
+import numpy as np
+from numba.core import types
+
+from ggforge.formats.jit import (  # noqa: F401 (the quantizers import them from here)
+    KVALUES_IQ4NL, F, bits_f32, clear_stale_cache, driver, f32_bits, jit, sig, stack_f32)
+
+clear_stale_cache(Path(__file__).parent)
 QK_K = 256
 GROUP_MAX_EPS = F(1e-15)
 _MAGIC = F(12582912.0)  # 1.5 * 2^23: adding it leaves round-half-even(x) in the mantissa
@@ -44,83 +46,6 @@ f4, i8, b1 = types.float32, types.int64, types.boolean
 F4A, U1A, I1A = types.float32[::1], types.uint8[::1], types.int8[::1]
 F4A2, U1A2 = types.float32[:, ::1], types.uint8[:, ::1]
 KV = types.Array(types.int8, 1, "C", readonly=True)  # a global table, as numba sees it
-
-jit = numba.njit(cache=True, error_model="numpy")
-"""Decorator of the per-block functions (compiled lazily, for the types they are called with)."""
-
-
-def sig(signature):
-    """Decorator of a scalar helper compiled eagerly for one explicit signature.
-
-    Pinning the types matters for compile time: called from jitted code with literal
-    arguments (``make_qx_quants(16, 32, ...)``), numba would otherwise compile one
-    specialization per distinct literal.
-    """
-    return numba.njit(signature, cache=True, error_model="numpy")
-
-
-driver = numba.njit(cache=True, error_model="numpy", nogil=True)
-"""Decorator of the loops over blocks that Python calls. They release the GIL, and
-kquants runs them on slices of the blocks from a few threads: the same use of the
-cores as ``parallel=True`` with ``prange``, without its compile time (numba's parfor
-passes added about 18 s to a cold start of the seven types, 50 s instead of 32 s)."""
-
-# kvalues_iq4nl of ggml-common.h: the 16 non-linear levels of IQ4_NL / IQ4_XS.
-KVALUES_IQ4NL = np.array(
-    [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.int8
-)
-
-
-# ---------------------------------------------------------------- bit casts
-
-@intrinsic
-def f32_bits(typingctx, x):
-    """Reinterpret a float32 as int32 (C's ``memcpy(&i, &f, 4)``)."""
-    if x != types.float32:
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.IntType(32))
-
-    return types.int32(types.float32), codegen
-
-
-@intrinsic
-def bits_f32(typingctx, i):
-    """Reinterpret the low 32 bits of an integer as a float32."""
-    if not isinstance(i, types.Integer):
-        return None
-
-    def codegen(context, builder, signature, args):
-        v = args[0]
-        if v.type.width > 32:
-            v = builder.trunc(v, ir.IntType(32))
-        elif v.type.width < 32:
-            v = builder.zext(v, ir.IntType(32))
-        return builder.bitcast(v, ir.FloatType())
-
-    return types.float32(i), codegen
-
-
-@intrinsic
-def stack_f32(typingctx, n):
-    """A pointer to ``n`` (a literal int) float32 on the stack of the calling function;
-    ``numba.carray(stack_f32(8), (8,))`` makes it an array.
-
-    For scratch that the hot loops of a kernel write: unlike an ``np.empty`` (a heap
-    allocation per call, and a pointer LLVM must assume may alias the arguments), a
-    stack buffer costs nothing and provably overlaps nothing, so loops over it vectorize
-    without run-time overlap checks (k_lanes). The buffer is only valid until the
-    function that called this returns: never return or store the array.
-    """
-    if not isinstance(n, types.IntegerLiteral):
-        raise errors.RequireLiteralValue(n)
-    count = n.literal_value
-
-    def codegen(context, builder, signature, args):
-        return cgutils.alloca_once(builder, ir.FloatType(), size=count)
-
-    return types.CPointer(types.float32)(n), codegen
 
 
 @sig(i8(i8, i8, i8))

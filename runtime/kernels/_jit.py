@@ -23,17 +23,17 @@ Kernels are compiled on first use, for one explicit signature each, and cached o
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from pathlib import Path
 
 import numba
 import numpy as np
-from llvmlite import ir
 from numba.core import types
-from numba.extending import intrinsic
 
-from ggforge.runtime.kernels._simd import half as fp16_bits
+from ggforge.formats.jit import KVALUES_IQ4NL as _KVALUES
+from ggforge.formats.jit import bits_f32, clear_stale_cache, f32_bits  # noqa: F401 (re-exported)
+from ggforge.formats.jit import half as fp16_bits
+from ggforge.formats.jit import jit as helper
 
 U = np.uint64
 F = np.float32
@@ -48,40 +48,11 @@ I8M = types.Array(types.int8, 2, "C")                       # (T, n) quantized a
 I4M = types.Array(types.int32, 2, "C")
 F4M = types.Array(types.float32, 2, "C")                    # (rows, cols) float32
 
-# kvalues_iq4nl of ggml-common.h: the 16 non-linear levels of IQ4_NL / IQ4_XS.
-KVALUES_IQ4NL = np.array(
-    [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.int16
-)
-
-helper = numba.njit(cache=True, error_model="numpy")
-"""Decorator of the helpers the kernels call (compiled with the kernel that uses them)."""
+# kvalues_iq4nl of ggml-common.h (formats/jit.py), as int16 for the kernels' products
+KVALUES_IQ4NL = _KVALUES.astype(np.int16)
 
 
-def _clear_stale_cache() -> None:
-    """Drop numba's cached kernels when any source file of this package changed.
-
-    numba invalidates a cached function only when *its own* file changes, not when a
-    helper it calls (in another file) does; a kernel would keep running old helper code.
-    A fingerprint of all the package's sources, kept beside the cache, catches that.
-    """
-    here = Path(__file__).parent
-    digest = hashlib.sha1()
-    for src in sorted(here.glob("*.py")):
-        digest.update(src.name.encode() + src.read_bytes())
-    cache = here / "__pycache__"
-    stamp = cache / "kernels.sha1"
-    try:
-        if stamp.exists() and stamp.read_text() == digest.hexdigest():
-            return
-        cache.mkdir(exist_ok=True)
-        for f in list(cache.glob("*.nbi")) + list(cache.glob("*.nbc")):
-            f.unlink(missing_ok=True)
-        stamp.write_text(digest.hexdigest())
-    except OSError:  # a read-only install: numba caches elsewhere, sources do not change
-        pass
-
-
-_clear_stale_cache()
+clear_stale_cache(Path(__file__).parent)
 
 
 class Kernel:
@@ -133,37 +104,6 @@ def kernel(signature, fastmath=False):
 # (the quantized kernels) are exact in any order; float kernels accept the reordering,
 # as ggml's own SIMD code reorders its sums.
 FAST = frozenset({"reassoc", "contract", "nsz"})
-
-
-# ---------------------------------------------------------------- bit casts
-
-@intrinsic
-def bits_f32(typingctx, i):
-    """Reinterpret the low 32 bits of an integer as a float32."""
-    if not isinstance(i, types.Integer):
-        return None
-
-    def codegen(context, builder, signature, args):
-        v = args[0]
-        if v.type.width > 32:
-            v = builder.trunc(v, ir.IntType(32))
-        elif v.type.width < 32:
-            v = builder.zext(v, ir.IntType(32))
-        return builder.bitcast(v, ir.FloatType())
-
-    return types.float32(i), codegen
-
-
-@intrinsic
-def f32_bits(typingctx, x):
-    """Reinterpret a float32 as an int32."""
-    if x != types.float32:
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.IntType(32))
-
-    return types.int32(types.float32), codegen
 
 
 # ---------------------------------------------------------------- half floats

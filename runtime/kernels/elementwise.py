@@ -15,8 +15,8 @@ import numpy as np
 from numba import types
 
 from ggforge.runtime.kernels._jit import FAST, F, F4M, i64, kernel
-from ggforge.runtime.kernels._simd import half as half_value
-from ggforge.runtime.kernels._simd import half_bits
+from ggforge.formats.jit import half as half_value
+from ggforge.formats.jit import half_bits
 
 F1 = types.Array(types.float32, 1, "C")
 F3 = types.Array(types.float32, 3, "C")

@@ -30,8 +30,8 @@ from __future__ import annotations
 import numpy as np
 from numba import types
 
-from ggforge.runtime.kernels._jit import F, F4M, bits_f32, f32_bits, helper, i64, kernel
-from ggforge.runtime.kernels._simd import fma32, half, half_bits
+from ggforge.formats.jit import bits_f32, f32_bits, fma32, half, half_bits
+from ggforge.runtime.kernels._jit import F, F4M, helper, i64, kernel
 
 F1 = types.Array(types.float32, 1, "C")
 F3 = types.Array(types.float32, 3, "C")
