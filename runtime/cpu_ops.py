@@ -61,7 +61,8 @@ class CpuOps:
         self.in_head = False
 
     def step(self, pos: np.ndarray, cache: KVCache, ropes) -> Step:
-        tables = {key: rope_cache(pos, self.c.n_rot, key[0], key[1], self.rope_freqs) for key in ropes}
+        tables = {key: rope_cache(pos, self.c.n_rot, key[0], key[1], self.rope_freqs, self.c.rope_mscale)
+                  for key in ropes}
         return Step(pos, cache, tables)
 
     # -- the decoder's operations -------------------------------------------------------
@@ -115,7 +116,7 @@ class CpuOps:
         k = apply_rope(k, cos, sin, s.rope_mode)
         if s.q_scale is not None:
             q = q * F32(s.q_scale)
-        keys, values = step.cache.store(s.index, step.pos[0], k, v)
+        keys, values = step.cache.store(s.index, step.pos[0], k, v, as_stored=step.cache.flash_attn)
         return q, keys, values
 
     def attend(self, qkv, s, step: Step) -> np.ndarray:
@@ -123,9 +124,9 @@ class CpuOps:
         cache = step.cache
         if cache.flash_attn:
             return flash_attention(q, keys, values, step.pos, s.attn_scale, s.window, cache.n_ctx,
-                                   kernels.get_threads())                  # (n, n_head * dv)
+                                   kernels.get_threads(), s.softcap)       # (n, n_head * dv)
         return attention(q, keys, values, step.pos, s.attn_scale, s.window,
-                         k_f16=cache.k_f16, v_f16=cache.v_f16)      # (n, n_head * dv)
+                         k_f16=cache.k_f16, v_f16=cache.v_f16, softcap=s.softcap)  # (n, n_head * dv)
 
     def ffn_in(self, h: np.ndarray, L: Layer, act: str) -> np.ndarray:
         return ACTIVATIONS[act](self.matmul(h, L.gate)) * self.matmul(h, L.up)

@@ -100,13 +100,17 @@ class KVCache:
                 f"context full: {self.n_past} tokens in the cache + {n} new > context size "
                 f"{self.n_ctx}; use a larger --ctx-size or a shorter prompt")
 
-    def store(self, layer: int, p0: int, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def store(self, layer: int, p0: int, k: np.ndarray, v: np.ndarray,
+              as_stored: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Write k, v (n, n_head_kv, d) at positions p0.. and return all keys and values
-        up to the last one written, as float32."""
+        up to the last one written, as float32 (``as_stored``: as the cache holds them,
+        views of it, no copy)."""
         n = k.shape[0]
         self.k[layer, p0:p0 + n] = k     # to F16: round to nearest even, as ggml_cpy
         self.v[layer, p0:p0 + n] = v
         keys, values = self.k[layer, :p0 + n], self.v[layer, :p0 + n]
+        if as_stored:
+            return keys, values
         if keys.dtype != np.float32:
             keys = keys.astype(np.float32)
         if values.dtype != np.float32:

@@ -71,14 +71,18 @@ ACTIVATIONS = {"silu": silu, "gelu": gelu_fp16_table}
 
 
 def rope_cache(positions: np.ndarray, n_rot: int, base: float, scale: float,
-               freq_factors: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+               freq_factors: np.ndarray | None, mscale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """cos/sin (n_tokens, n_rot/2) as ggml_rope_cache_init builds them: theta starts at the
-    position and is multiplied by base^(-2/n_rot) once per pair, in float32.
+    position and is multiplied by base^(-2/n_rot) once per pair, in float32; cos and sin
+    are multiplied by ``mscale`` (the file's rope.scaling.attn_factor: Phi-3 longrope).
 
     Every position's row depends on that position only: rows come from a table of the
     positions 0..2^k - 1, built once per setting (and again, twice as long, when a
     position is past its end)."""
     positions = np.asarray(positions)
+    if mscale != 1.0:
+        cos, sin = rope_cache(positions, n_rot, base, scale, freq_factors)
+        return cos * F32(mscale), sin * F32(mscale)
     if positions.size == 0 or positions.min() < 0:
         return _rope_rows(positions, n_rot, base, scale, freq_factors)
     key = (n_rot, float(base), float(scale), None if freq_factors is None else freq_factors.tobytes())
@@ -133,31 +137,38 @@ UBATCH = 512   # llama.cpp's default n_ubatch: a prompt's attention runs in step
 
 
 def flash_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray, scale: float,
-                    window: int, n_ctx: int, n_threads: int) -> np.ndarray:
+                    window: int, n_ctx: int, n_threads: int, softcap: float = 0.0) -> np.ndarray:
     """llama.cpp's CPU flash attention over an F16 cache (kernels/flash_attn.py), the
     queries in its micro-batches of UBATCH: per step, the cells it views are the cache's
     first max(256, used rounded up to 256) (at most n_ctx), and the step's size picks the
-    path (64 queries or more: tiles; one query over 512 cells or more: a chunk per thread).
+    path (64 queries or more: tiles; one query over 512 cells or more: a chunk per thread,
+    ``n_threads`` of them, as llama.cpp's threads split them). The query heads are shared
+    out over the kernel threads.
 
-    q (n_tokens, n_head, d) float32; k, v (n_kv, n_head_kv, d) F16 values as float32."""
+    q (n_tokens, n_head, d) float32; k, v (n_kv, n_head_kv, d) float16 as the cache stores
+    them (float32 holding F16 values is taken too)."""
     from ggforge.runtime.kernels import flash_attn as fa
+    from ggforge.runtime.kernels.threads import run_rows
 
     n_tok, n_head, _ = q.shape
     dv = v.shape[2]
     out = np.empty((n_tok, n_head * dv), F32)
     q16 = q.astype(np.float16).astype(F32)            # from_float of F16: nearest even
-    k, v = np.ascontiguousarray(k), np.ascontiguousarray(v)
+    k, v = (np.ascontiguousarray(a, np.float16).view(np.uint16) for a in (k, v))
+    work = k.nbytes + v.nbytes
     for u0 in range(0, n_tok, UBATCH):
         u1 = min(n_tok, u0 + UBATCH)
         used = int(q_pos[u1 - 1]) + 1
         n_view = min(n_ctx, max(256, -(-used // 256) * 256))
         pos = np.ascontiguousarray(q_pos[u0:u1], np.int64)
         if u1 - u0 >= fa.TILE_Q:
-            fa.attend_tiles(np.ascontiguousarray(q[u0:u1]), k, v, pos, F32(scale), int(window),
-                            n_view, _LANES[0] or _lanes(), out[u0:u1])
+            args = (np.ascontiguousarray(q[u0:u1]), k, v, pos, F32(scale), int(window), n_view,
+                    _LANES[0] or _lanes(), out[u0:u1])
+            run_rows(fa.attend_tiles, args, n_head, work * (u1 - u0))
         else:
-            fa.attend_chunks(np.ascontiguousarray(q16[u0:u1]), k, v, pos, F32(scale), int(window),
-                             n_view, int(n_threads), _LANES[0] or _lanes(), out[u0:u1])
+            args = (np.ascontiguousarray(q16[u0:u1]), k, v, pos, F32(scale), int(window), n_view,
+                    int(n_threads), _LANES[0] or _lanes(), out[u0:u1])
+            run_rows(fa.attend_chunks, args, n_head, work * (u1 - u0))
     return out
 
 
@@ -172,7 +183,8 @@ def _lanes() -> int:
 
 
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray, scale: float,
-              window: int = 0, *, k_f16: bool = False, v_f16: bool = False) -> np.ndarray:
+              window: int = 0, *, k_f16: bool = False, v_f16: bool = False,
+              softcap: float = 0.0) -> np.ndarray:
     """Causal grouped-query attention over the cache.
 
     q: (n_tokens, n_head, d); k: (n_kv_tokens, n_head_kv, d); v: (n_kv_tokens, n_head_kv, dv);
@@ -182,6 +194,10 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray, sc
     ``k_f16`` / ``v_f16``: the keys / values come from an F16 cache. llama.cpp (without
     flash attention) then multiplies in F16 as ggml_mul_mat does: the queries are rounded
     to F16 before K.q, the softmax weights to F16 before the product with V.
+
+    ``softcap`` (Gemma 2): the scores K.q become softcap * tanh(K.q / softcap) before the
+    softmax (llama.cpp's graph: scale by 1/softcap, tanh, scale by softcap; the softmax's
+    own scale after that).
     """
     n_tok, n_head, _ = q.shape
     n_kv, n_head_kv, dv = v.shape
@@ -190,7 +206,8 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray, sc
     if n_tok <= ATTEND_MAX_TOKENS and q.dtype == k.dtype == v.dtype == F32:
         out = np.empty((n_tok, n_head * dv), F32)
         ew.attend(np.ascontiguousarray(q), np.ascontiguousarray(k), np.ascontiguousarray(v),
-                  np.ascontiguousarray(q_pos, np.int64), F32(scale), int(window), bool(v_f16), out)
+                  np.ascontiguousarray(q_pos, np.int64), F32(scale), int(window), bool(v_f16),
+                  F32(softcap), out)
         return out
     group = n_head // n_head_kv
     kv_pos = np.arange(n_kv)
@@ -202,6 +219,8 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray, sc
     for h in range(n_head_kv):  # one BLAS product per kv head: its group of query heads
         qh = q[:, h * group:(h + 1) * group].transpose(1, 0, 2).reshape(group * n_tok, -1)
         scores = qh @ k[:, h].T                                     # (g * n_tok, n_kv)
+        if softcap:
+            scores = np.tanh(scores * (F32(1.0) / F32(softcap))) * F32(softcap)
         scores *= F32(scale)
         scores[masked] = -np.inf
         scores -= scores.max(axis=-1, keepdims=True)

@@ -33,8 +33,10 @@ from numba import types
 from ggforge.formats.jit import bits_f32, f32_bits, fma32, half, half_bits
 from ggforge.runtime.kernels._jit import F, F4M, helper, i64, kernel
 
+U = np.uint64
 F1 = types.Array(types.float32, 1, "C")
 F3 = types.Array(types.float32, 3, "C")
+H3 = types.Array(types.uint16, 3, "C", readonly=True)   # the F16 cache's bits, as stored
 P1 = types.Array(types.int64, 1, "C")
 f32 = types.float32
 
@@ -110,7 +112,7 @@ def _f16(x):
 
 @helper
 def _dot_f16(x, y, n, lanes, acc):
-    """ggml_vec_dot_f16 of F16-valued float32 rows x, y (n): four vectors of ``lanes``
+    """ggml_vec_dot_f16 of x (n F16 bits) and the F16-valued float32 row y: four vectors of ``lanes``
     float32 accumulators fed by fma, reduced (0+=2, 1+=3, 0+=1, then the lanes as
     _mm512_reduce_add_ps or the AVX2 hadd sequence), the leftovers added in float64."""
     step = 4 * lanes
@@ -118,10 +120,8 @@ def _dot_f16(x, y, n, lanes, acc):
     for j in range(4 * lanes):
         acc[j] = F(0)
     for i in range(0, n_main, step):
-        for j in range(4):
-            for lane in range(lanes):
-                at = j * lanes + lane
-                acc[at] = fma32(x[i + at], y[i + at], acc[at])
+        for at in range(step):           # vector j = at // lanes, lane at % lanes
+            acc[at] = fma32(half(x[U(i + at)]), y[U(i + at)], acc[at])   # U: no wraparound select
     for lane in range(lanes):
         acc[lane] = acc[lane] + acc[2 * lanes + lane]
         acc[lanes + lane] = acc[lanes + lane] + acc[3 * lanes + lane]
@@ -139,15 +139,15 @@ def _dot_f16(x, y, n, lanes, acc):
         r = (acc[0] + acc[1]) + (acc[2] + acc[3])
     s = np.float64(r)
     for i in range(n_main, n):
-        s += np.float64(x[i] * y[i])
+        s += np.float64(half(x[i]) * y[i])
     return F(s)
 
 
-@kernel(types.void(F3, F3, F3, P1, f32, i64, i64, i64, i64, F4M))
-def attend_chunks(q, k, v, q_pos, scale, window, n_view, n_threads, lanes, out):
-    """The one-chunk and split-cell paths. q (n_tok, n_head, d) F16-valued; k, v
-    (n_kv, n_head_kv, d) F16-valued; cells j < n_view visible where j <= q_pos and
-    (window == 0 or q_pos - j < window); out (n_tok, n_head * dv)."""
+@kernel(types.void(F3, H3, H3, P1, f32, i64, i64, i64, i64, F4M, i64, i64))
+def attend_chunks(q, k, v, q_pos, scale, window, n_view, n_threads, lanes, out, h0, h1):
+    """The one-chunk and split-cell paths, for query heads h0..h1-1. q (n_tok, n_head, d)
+    F16-valued float32; k, v (n_kv, n_head_kv, d) the cache's F16 bits; cells j < n_view
+    visible where j <= q_pos and (window == 0 or q_pos - j < window); out (n_tok, n_head * dv)."""
     n_tok, n_head, d = q.shape
     n_head_kv, dv = v.shape[1], v.shape[2]
     group = n_head // n_head_kv
@@ -159,7 +159,7 @@ def attend_chunks(q, k, v, q_pos, scale, window, n_view, n_threads, lanes, out):
     lanes_acc = np.empty(64, np.float32)
     for t in range(n_tok):
         p = q_pos[t]
-        for h in range(n_head):
+        for h in range(h0, h1):
             hk = h // group
             m_fin, s_fin = F(-np.inf), F(0)
             for i in range(dv):
@@ -183,7 +183,7 @@ def attend_chunks(q, k, v, q_pos, scale, window, n_view, n_threads, lanes, out):
                     else:
                         vs = np.exp(s - m)
                     for i in range(dv):
-                        acc[i] = _f16(fma32(v[j, hk, i], vs, acc[i]))
+                        acc[i] = _f16(fma32(half(v[j, hk, i]), vs, acc[i]))
                     s_sum = fma32(s_sum, ms, vs)
                 if not split:
                     inv = F(0) if s_sum == 0 else F(1) / s_sum
@@ -204,55 +204,74 @@ def attend_chunks(q, k, v, q_pos, scale, window, n_view, n_threads, lanes, out):
                     out[t, h * dv + i] = fin[i] * inv
 
 
-@kernel(types.void(F3, F3, F3, P1, f32, i64, i64, i64, F4M))
-def attend_tiles(q, k, v, q_pos, scale, window, n_view, lanes, out):
-    """The tiled path: q float32 (n_tok, n_head, d); k, v F16-valued float32."""
+@kernel(types.void(F3, H3, H3, P1, f32, i64, i64, i64, F4M, i64, i64))
+def attend_tiles(q, k, v, q_pos, scale, window, n_view, lanes, out, h0, h1):
+    """The tiled path, for query heads h0..h1-1: q float32 (n_tok, n_head, d); k, v the
+    cache's F16 bits. As ggml, a tile's keys are widened and transposed once for all the
+    queries, so that each score's fma chain over the head dimension runs for the tile's
+    cells side by side; the values' fma chains over the cells run for the head dimension
+    side by side: each element keeps ggml's order of operations."""
     n_tok, n_head, d = q.shape
     n_head_kv, dv = v.shape[1], v.shape[2]
     group = n_head // n_head_kv
     sc = np.empty(TILE_KV, np.float32)
-    acc = np.empty(dv, np.float32)
-    for t in range(n_tok):
-        p = q_pos[t]
-        for h in range(n_head):
-            hk = h // group
-            m, s_sum = F(-np.inf), F(0)
+    kt = np.empty((d, TILE_KV), np.float32)         # the tile's keys, transposed
+    vt = np.empty((TILE_KV, dv), np.float32)
+    acc = np.empty((n_tok, dv), np.float32)
+    m = np.empty(n_tok, np.float32)
+    s_sum = np.empty(n_tok, np.float32)
+    for h in range(h0, h1):
+        hk = h // group
+        for t in range(n_tok):
+            m[t], s_sum[t] = F(-np.inf), F(0)
             for i in range(dv):
-                acc[i] = F(0)
-            for c0 in range(0, n_view, TILE_KV):
-                c1 = min(c0 + TILE_KV, n_view)
+                acc[t, i] = F(0)
+        for c0 in range(0, n_view, TILE_KV):
+            c1 = min(c0 + TILE_KV, n_view)
+            n = c1 - c0
+            if c0 > q_pos[n_tok - 1] or (window > 0 and c1 - 1 <= q_pos[0] - window):
+                continue                                   # no query sees this tile
+            for jj in range(n):
+                for i in range(d):
+                    kt[i, jj] = half(k[c0 + jj, hk, i])
+                for i in range(dv):
+                    vt[jj, i] = half(v[c0 + jj, hk, i])
+            for t in range(n_tok):
+                p = q_pos[t]
+                for jj in range(n):
+                    sc[jj] = F(0)
+                for i in range(d):
+                    qi = q[t, h, i]
+                    for jj in range(n):
+                        sc[jj] = fma32(qi, kt[i, jj], sc[jj])
                 top = F(-np.inf)
-                for j in range(c0, c1):
-                    if j > p or (window > 0 and p - j >= window):
-                        sc[j - c0] = F(-np.inf)
-                        continue
-                    s = F(0)
-                    for i in range(d):
-                        s = fma32(q[t, h, i], k[j, hk, i], s)
-                    sc[j - c0] = s * scale
-                    top = max(top, sc[j - c0])
+                for jj in range(TILE_KV):
+                    j = c0 + jj
+                    if jj >= n or j > p or (window > 0 and p - j >= window):
+                        sc[jj] = F(-np.inf)
+                    else:
+                        sc[jj] = sc[jj] * scale
+                        top = max(top, sc[jj])
                 if top == -np.inf:
                     continue
-                m_new = max(m, top)
-                if m_new > m:
-                    ms = np.exp(m - m_new)
+                m_new = max(m[t], top)
+                if m_new > m[t]:
+                    ms = np.exp(m[t] - m_new)
                     for i in range(dv):
-                        acc[i] = acc[i] * ms
-                    s_sum = s_sum * ms
-                m = m_new
-                for j in range(c1 - c0, TILE_KV):     # the tile's padding: -inf, weight 0
-                    sc[j] = F(-np.inf)
+                        acc[t, i] = acc[t, i] * ms
+                    s_sum[t] = s_sum[t] * ms
+                m[t] = m_new
+                for jj in range(TILE_KV):
+                    sc[jj] = _v_expf(sc[jj] - m_new, lanes)
                 tile_sum = 0.0
-                for j in range(TILE_KV):
-                    sc[j] = _v_expf(sc[j] - m, lanes)
                 for at in range(0, TILE_KV, lanes):
                     tile_sum += np.float64(_vector_sum(sc, at, lanes))
-                s_sum = F(np.float64(s_sum) + tile_sum)
-                for i in range(dv):
-                    a = acc[i]
-                    for j in range(c0, c1):
-                        a = fma32(sc[j - c0], v[j, hk, i], a)
-                    acc[i] = a
-            inv = F(0) if s_sum == 0 else F(1) / s_sum
+                s_sum[t] = F(np.float64(s_sum[t]) + tile_sum)
+                for jj in range(n):
+                    pj = sc[jj]
+                    for i in range(dv):
+                        acc[t, i] = fma32(pj, vt[jj, i], acc[t, i])
+        for t in range(n_tok):
+            inv = F(0) if s_sum[t] == 0 else F(1) / s_sum[t]
             for i in range(dv):
-                out[t, h * dv + i] = acc[i] * inv
+                out[t, h * dv + i] = acc[t, i] * inv
