@@ -23,7 +23,12 @@ class Traits:
     act: str                    # FFN gate activation: "silu" or "gelu" (tanh approximation)
     embed_scale: bool = False   # multiply embeddings by sqrt(n_embd)
     swa_pattern: int = 0        # every n-th layer is global, the others sliding (0: none)
-    q_scale_on_q: bool = False  # scale q before attention (Gemma) instead of inside softmax
+    q_scale_on_q: bool = False  # scale q before attention (Gemma, Phi-3) instead of inside softmax
+    attn_softcap: bool = False  # soft-cap the attention scores by {arch}.attn_logit_softcapping
+    swa_rope_base: float | None = 10000.0   # sliding layers' default rope base (None: the global one)
+    # layer counts at which the query scale is 1/sqrt(n_embd/n_head), not 1/sqrt(head_dim)
+    # (llama.cpp's Gemma 2 27B: query_pre_attn_scalar = n_embd / n_head)
+    embd_scale_at_layers: tuple[int, ...] = ()
 
 
 TRAITS: dict[str, Traits] = {
@@ -31,6 +36,9 @@ TRAITS: dict[str, Traits] = {
     "qwen2": Traits(rope="neox", act="silu"),
     "qwen3": Traits(rope="neox", act="silu"),
     "gemma3": Traits(rope="neox", act="gelu", embed_scale=True, swa_pattern=6, q_scale_on_q=True),
+    "gemma2": Traits(rope="neox", act="gelu", embed_scale=True, swa_pattern=2, q_scale_on_q=True,
+                     attn_softcap=True, swa_rope_base=None, embd_scale_at_layers=(46,)),
+    "phi3": Traits(rope="neox", act="silu", q_scale_on_q=True),
 }
 
 
@@ -55,6 +63,9 @@ class ModelConfig:
     sliding_window: int         # 0: no sliding-window layers
     attn_scale: float
     final_softcap: float
+    attn_softcap: float         # 0: none
+    rope_mscale: float          # cos/sin multiplied by this ({arch}.rope.scaling.attn_factor)
+    n_ctx_orig: int             # past this context, long rope factors (rope_factors_long)
     has_rope_freqs: bool
     tied_output: bool
 
@@ -88,9 +99,11 @@ class ModelConfig:
         if emb is None:
             raise FormatError(f"{g.path}: tensor token_embd.weight is missing")
         base = float(key("rope.freq_base", 10000.0))
+        n_layer = int(key("block_count", required=True))
+        attn_scale = 1.0 / math.sqrt(n_embd / n_head if n_layer in t.embd_scale_at_layers else head_dim)
         return cls(
             arch=arch, traits=t,
-            n_layer=int(key("block_count", required=True)), n_embd=n_embd, n_head=n_head,
+            n_layer=n_layer, n_embd=n_embd, n_head=n_head,
             n_head_kv=int(key("attention.head_count_kv", n_head)), head_dim=head_dim,
             head_dim_v=int(key("attention.value_length", head_dim)),
             n_ff=int(key("feed_forward_length", required=True)),
@@ -98,11 +111,14 @@ class ModelConfig:
             n_ctx_train=int(key("context_length", 4096)),
             eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
             rope_base=base, rope_scale=1.0 / factor if scaling == "linear" else 1.0,
-            rope_base_swa=float(key("rope.freq_base_swa", 10000.0)),
+            rope_base_swa=float(key("rope.freq_base_swa", base if t.swa_rope_base is None else t.swa_rope_base)),
             n_rot=int(key("rope.dimension_count", head_dim)),
             sliding_window=int(key("attention.sliding_window", 0) or 0),
-            attn_scale=1.0 / math.sqrt(head_dim),
+            attn_scale=attn_scale,
             final_softcap=float(key("final_logit_softcapping", 0.0) or 0.0),
+            attn_softcap=float(key("attn_logit_softcapping", 0.0) or 0.0) if t.attn_softcap else 0.0,
+            rope_mscale=float(key("rope.scaling.attn_factor", 1.0) or 1.0),
+            n_ctx_orig=int(key("rope.scaling.original_context_length", 0) or key("context_length", 4096)),
             has_rope_freqs="rope_freqs.weight" in g.tensors,
             tied_output="output.weight" not in g.tensors,
         )

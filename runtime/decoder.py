@@ -14,8 +14,8 @@ runtime/gpu/backend.py) and fuses them as it likes: the FFN output stays "pendin
 next norm adds it, one kernel on the GPU), and an op's result is opaque to the decoder
 (the GPU returns activations already rounded for a Q8_0 product). Everything a family
 changes in the graph is read here, from ModelConfig: the rope style and tables, where the
-attention scale goes, the activation, sliding windows, the embedding scale and the final
-soft-cap. Which optional tensors a layer has (biases, q/k norms, post-norms) is data: the
+attention scale goes, the attention and final soft-caps, the activation, sliding windows
+and the embedding scale. Which optional tensors a layer has (biases, q/k norms, post-norms) is data: the
 weight is None when the file has none.
 
 Partial offload is a list of segments, each a backend running a range of layers with its
@@ -43,6 +43,7 @@ class LayerSpec:
     q_scale: float | None       # multiply the queries by this before attention (Gemma)
     attn_scale: float           # the scale inside the softmax (1.0 when q_scale is set)
     act: str                    # FFN gate activation: "silu" or "gelu"
+    softcap: float = 0.0        # attention scores -> softcap * tanh(scores / softcap) (Gemma 2)
 
 
 def layer_windows(c: ModelConfig) -> list[int]:
@@ -67,6 +68,7 @@ class Decoder:
             q_scale=c.attn_scale if t.q_scale_on_q else None,
             attn_scale=1.0 if t.q_scale_on_q else c.attn_scale,
             act=t.act,
+            softcap=c.attn_softcap,
         ) for il, w in enumerate(self.windows)]
         self.embed_scale = F32(np.sqrt(F32(c.n_embd))) if t.embed_scale else None
         self.final_softcap = c.final_softcap

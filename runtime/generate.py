@@ -42,6 +42,7 @@ class LoadedModel:
             if self.n_ctx < 1:
                 where = "" if n_ctx else f" ({c.arch}.context_length in the file; pass --ctx-size)"
                 raise ValueError(f"context size must be at least 1, got {self.n_ctx}{where}")
+            self.model.n_ctx_seq = self.n_ctx   # what rope factors follow (Phi-3 longrope)
             self.plan = None
             if gpu_layers not in (0, "0"):
                 self.plan = plan_offload(self.model, self.n_ctx, gpu_layers, gpu_memory, device,

@@ -146,9 +146,14 @@ def flash_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarr
     out over the kernel threads.
 
     q (n_tokens, n_head, d) float32; k, v (n_kv, n_head_kv, d) float16 as the cache stores
-    them (float32 holding F16 values is taken too)."""
+    them (float32 holding F16 values is taken too). ``softcap`` (Gemma 2): the scores
+    become softcap * tanh(score / softcap), as ggml folds it: the scale divided by softcap,
+    then softcap * tanhf(s * scale)."""
     from ggforge.runtime.kernels import flash_attn as fa
     from ggforge.runtime.kernels.threads import run_rows
+
+    if softcap:
+        scale = F32(scale) / F32(softcap)
 
     n_tok, n_head, _ = q.shape
     dv = v.shape[2]
@@ -163,11 +168,11 @@ def flash_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarr
         pos = np.ascontiguousarray(q_pos[u0:u1], np.int64)
         if u1 - u0 >= fa.TILE_Q:
             args = (np.ascontiguousarray(q[u0:u1]), k, v, pos, F32(scale), int(window), n_view,
-                    _LANES[0] or _lanes(), out[u0:u1])
+                    _LANES[0] or _lanes(), F32(softcap), out[u0:u1])
             run_rows(fa.attend_tiles, args, n_head, work * (u1 - u0))
         else:
             args = (np.ascontiguousarray(q16[u0:u1]), k, v, pos, F32(scale), int(window), n_view,
-                    int(n_threads), _LANES[0] or _lanes(), out[u0:u1])
+                    int(n_threads), _LANES[0] or _lanes(), F32(softcap), out[u0:u1])
             run_rows(fa.attend_chunks, args, n_head, work * (u1 - u0))
     return out
 

@@ -33,6 +33,7 @@ class Model:
 
     def __init__(self, path: str | Path):
         self.gpu = None            # GpuLayers of the offloaded layers (see offload())
+        self.n_ctx_seq = None      # the context size asked for; None: each cache's size
         self.gguf = GGUFFile.open(path)
         try:
             check_model_metadata(self.gguf)  # contradictions named before any shape is used
@@ -78,7 +79,8 @@ class Model:
                    "attn_k.bias": c.n_head_kv * c.head_dim,
                    "attn_v.bias": c.n_head_kv * c.head_dim_v,
                    "attn_q_norm.weight": c.head_dim, "attn_k_norm.weight": c.head_dim,
-                   "rope_freqs.weight": c.n_rot // 2}
+                   "rope_freqs.weight": c.n_rot // 2, "rope_factors_long.weight": c.n_rot // 2,
+                   "rope_factors_short.weight": c.n_rot // 2}
         n = lengths.get(name.split(".", 2)[-1] if name.startswith("blk.") else name)
         if n is not None and info.dims != (n,):
             raise FormatError(f"{self.gguf.path}: tensor {name!r} has shape {info.shape}, "
@@ -102,6 +104,27 @@ class Model:
         self.weight_names[id(w)] = name
         return w
 
+    def _fused(self, name: str, n_in: int, parts: list[int]) -> list[kernels.QWeight]:
+        """A fused projection (Phi-3's attn_qkv, ffn_up holding gate and up) as one weight
+        per part: views of consecutive rows, each output computed as from the whole. The
+        first part carries the tensor's name (an importance matrix sees its input once)."""
+        w = self._mat(name, n_in, sum(parts))
+        out, r0 = [], 0
+        for n in parts:
+            out.append(kernels.QWeight(w.raw[r0:r0 + n], w.ggml_type, n_in, n, mapped=w.mapped))
+            self.weight_names[id(out[-1])] = name if r0 == 0 else None
+            r0 += n
+        return out
+
+    def rope_factors(self, n_ctx: int) -> np.ndarray | None:
+        """The rope frequency divisors for a context of n_ctx: rope_freqs, else (Phi-3
+        longrope) the long factors past the original context and the short ones within it,
+        as llama.cpp's get_rope_factors chooses (by the context size asked for, n_ctx_seq,
+        where it is set: a short evaluation's cache is smaller)."""
+        if self.rope_freqs is not None or self.rope_long is None:
+            return self.rope_freqs
+        return self.rope_long if (self.n_ctx_seq or n_ctx) > self.config.n_ctx_orig else self.rope_short
+
     def _load(self) -> None:
         c = self.config
         self.weight_names: dict[int, str] = {}   # id(QWeight) -> its GGUF tensor name
@@ -110,18 +133,28 @@ class Model:
         self.output = self.tok_embd if c.tied_output else self._mat("output.weight", c.n_embd, c.n_vocab)
         self.output_norm = self._vec("output_norm.weight")
         self.rope_freqs = self._vec("rope_freqs.weight", required=False)
+        self.rope_long = self._vec("rope_factors_long.weight", required=False)
+        self.rope_short = self._vec("rope_factors_short.weight", required=self.rope_long is not None)
+        names = self.gguf.tensors
         self.layers = []
         for i in range(c.n_layer):
             p = f"blk.{i}."
+            if p + "attn_qkv.weight" in names:
+                wq, wk, wv = self._fused(p + "attn_qkv.weight", c.n_embd, [q_out, kv_out, v_out])
+            else:
+                wq, wk, wv = (self._mat(p + f"attn_{x}.weight", c.n_embd, n)
+                              for x, n in (("q", q_out), ("k", kv_out), ("v", v_out)))
+            if p + "ffn_gate.weight" in names:
+                gate = self._mat(p + "ffn_gate.weight", c.n_embd, c.n_ff)
+                up = self._mat(p + "ffn_up.weight", c.n_embd, c.n_ff)
+            else:   # gate and up fused in ffn_up (2 * n_ff rows: the gate first)
+                gate, up = self._fused(p + "ffn_up.weight", c.n_embd, [c.n_ff, c.n_ff])
             self.layers.append(Layer(
                 attn_norm=self._vec(p + "attn_norm.weight"),
-                wq=self._mat(p + "attn_q.weight", c.n_embd, q_out),
-                wk=self._mat(p + "attn_k.weight", c.n_embd, kv_out),
-                wv=self._mat(p + "attn_v.weight", c.n_embd, v_out),
+                wq=wq, wk=wk, wv=wv,
                 wo=self._mat(p + "attn_output.weight", c.n_head * c.head_dim_v, c.n_embd),
                 ffn_norm=self._vec(p + "ffn_norm.weight"),
-                gate=self._mat(p + "ffn_gate.weight", c.n_embd, c.n_ff),
-                up=self._mat(p + "ffn_up.weight", c.n_embd, c.n_ff),
+                gate=gate, up=up,
                 down=self._mat(p + "ffn_down.weight", c.n_ff, c.n_embd),
                 bq=self._vec(p + "attn_q.bias", False), bk=self._vec(p + "attn_k.bias", False),
                 bv=self._vec(p + "attn_v.bias", False),
@@ -174,8 +207,8 @@ class Model:
         # backend takes such products (the weight copied there for the one product)
         hook = None if self.gpu is None else self.gpu.host_matmul
         names = self.weight_names
-        ops = CpuOps(c, self.rope_freqs, hook, OFFLOAD_MIN_BATCH,
-                     None if collect is None else (lambda w, x: collect(names[id(w)], x)))
+        ops = CpuOps(c, self.rope_factors(cache.n_ctx), hook, OFFLOAD_MIN_BATCH,
+                     None if collect is None else (lambda w, x: names[id(w)] and collect(names[id(w)], x)))
         x = dec.embed(ops, self.tok_embd, tokens)                      # (n, n_embd)
         if n_cpu:   # segment 1: layers 0..n_cpu-1 on the CPU
             step = ops.step(np.arange(p0, p0 + n), cache, dec.ropes(0, n_cpu))

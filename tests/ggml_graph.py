@@ -62,7 +62,7 @@ def _tensor(base, ctx, gtype, data: np.ndarray, ne: tuple[int, int, int, int]):
 
 
 def flash_attn_ext(q: np.ndarray, k16: np.ndarray, v16: np.ndarray, visible: np.ndarray,
-                   scale: float, n_threads: int) -> np.ndarray:
+                   scale: float, n_threads: int, logit_softcap: float = 0.0) -> np.ndarray:
     base, cpu = _libs()
     n_q, n_head, d = q.shape
     n_kv, n_head_kv, dv = v16.shape
@@ -76,7 +76,7 @@ def flash_attn_ext(q: np.ndarray, k16: np.ndarray, v16: np.ndarray, visible: np.
         tv = _tensor(base, ctx, GGML_TYPE_F16, v16.astype(np.float16).transpose(1, 0, 2), (dv, n_kv, n_head_kv, 1))
         mask = np.where(visible, np.float16(0), np.float16(-np.inf)).astype(np.float16)
         tm = _tensor(base, ctx, GGML_TYPE_F16, mask, (n_kv, n_q, 1, 1))
-        out = base.ggml_flash_attn_ext(ctx, tq, tk, tv, tm, scale, 0.0, 0.0)
+        out = base.ggml_flash_attn_ext(ctx, tq, tk, tv, tm, scale, 0.0, logit_softcap)
         base.ggml_flash_attn_ext_set_prec(out, GGML_PREC_F32)
         graph = base.ggml_new_graph(ctx)
         base.ggml_build_forward_expand(graph, out)

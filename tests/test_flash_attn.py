@@ -46,6 +46,26 @@ def test_kernels_equal_libggml_bit_for_bit(n_q, n_kv, n_head, n_head_kv, d, thre
     assert np.array_equal(got, want), float(np.abs(got - want).max())
 
 
+@pytest.mark.parametrize("n_q,n_kv,threads,window", [
+    (1, 256, 2, 0), (5, 256, 2, 4),  # one chunk (Gemma 2's tiny window)
+    (1, 768, 3, 0),                  # a chunk per thread
+    (64, 256, 2, 0), (70, 512, 2, 4),  # tiles
+])
+def test_softcap_equals_libggml_bit_for_bit(n_q, n_kv, threads, window):
+    """Gemma 2's attention soft-cap (logit_softcap of ggml_flash_attn_ext): scores of a
+    few units, capped at 1.5 and at 50 (the real models' cap), on each path."""
+    rng = np.random.default_rng(n_q + n_kv)
+    q, k16, v16, pos, visible = _case(rng, n_q, n_kv, 4, 2, 64, window)
+    for cap in (1.5, 50.0):
+        want = flash_attn_ext(q * 4, k16, v16, visible, 0.125, threads, logit_softcap=cap)
+        got = layers.flash_attention(q * 4, k16.astype(np.float32), v16.astype(np.float32), pos, 0.125,
+                                     window, n_ctx=n_kv, n_threads=threads, softcap=cap)
+        assert np.array_equal(got, want), (cap, float(np.abs(got - want).max()))
+        plain = layers.flash_attention(q * 4, k16.astype(np.float32), v16.astype(np.float32), pos, 0.125,
+                                       window, n_ctx=n_kv, n_threads=threads)
+        assert not np.array_equal(plain, want)
+
+
 def test_the_views_llama_cpp_takes():
     """The cells a step views: the cache's first max(256, used rounded up to 256), at most
     n_ctx; the split path starts at 512 viewed cells (so at 257 used cells of a large

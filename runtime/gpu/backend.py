@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ggforge.formats.errors import UnsupportedModelError
 from ggforge.runtime.gpu import fused_kernels as FK
 from ggforge.runtime.gpu import ops
 from ggforge.runtime.gpu.attn_kernels import decode_attention
@@ -216,6 +217,10 @@ class GpuLayers:
         self.device = torch.device(device)
         self.model, self.first, self.head = model, first, head
         c = self.config = model.config
+        if c.attn_softcap:   # what the device kernels do not compute yet: refuse, not guess
+            raise UnsupportedModelError(
+                f"{model.gguf.path}: attention soft-capping ({c.arch}.attn_logit_softcapping) "
+                "is not supported on the GPU yet; run with --gpu-layers 0")
         dev = self.device
 
         def vec(a):
@@ -271,11 +276,15 @@ class GpuLayers:
         """cos/sin for positions 0..n_ctx-1 per rope table, computed as the CPU does."""
         c = self.config
         pos = np.arange(n_ctx)
+        factors = self.model.rope_factors(n_ctx)
+        if factors is not getattr(self, "_factors", None):   # Phi-3: long or short factors
+            self.ropes.clear()
+            self._factors = factors
         for key in self.decoder.ropes(self.first, c.n_layer):
             have = self.ropes.get(key)
             if have is not None and have[0].shape[0] >= n_ctx:
                 continue
-            cos, sin = rope_cache(pos, c.n_rot, key[0], key[1], self.model.rope_freqs)
+            cos, sin = rope_cache(pos, c.n_rot, key[0], key[1], factors, c.rope_mscale)
             self.ropes[key] = (torch.from_numpy(cos).to(self.device),
                                torch.from_numpy(sin).to(self.device))
 

@@ -68,14 +68,15 @@ def rope(x, cos, sin, neox, out):
                 out[t, h, i] = x[t, h, i]
 
 
-@kernel(types.void(F3, F3, F3, P1, f32, i64, types.boolean, F4M), fastmath=FAST)
-def attend(q, k, v, q_pos, scale, window, p_f16, out):
+@kernel(types.void(F3, F3, F3, P1, f32, i64, types.boolean, f32, F4M), fastmath=FAST)
+def attend(q, k, v, q_pos, scale, window, p_f16, softcap, out):
     """Causal grouped-query attention of a few queries over the cache (layers.attention):
     softmax(q k^T * scale) v over the positions j <= q_pos (and q_pos - j < window), in
     float64 from the float32 inputs and rounded once, so that the GPU's kernels, which
     sum in other orders, give the same float32 results (docs/gpu.md).
     ``p_f16``: an F16 value cache, as llama.cpp: float32 scores and softmax weights, the
-    weights rounded to F16 before the product with V (as ggml_mul_mat converts them)."""
+    weights rounded to F16 before the product with V (as ggml_mul_mat converts them).
+    ``softcap`` > 0: each score q.k becomes softcap * tanh(q.k / softcap) before the scale."""
     n_head, d = q.shape[1], q.shape[2]
     n_kv, n_head_kv, dv = v.shape
     group = n_head // n_head_kv
@@ -83,6 +84,7 @@ def attend(q, k, v, q_pos, scale, window, p_f16, out):
     p = np.empty(n_kv, np.float32)
     o64 = np.empty(dv, np.float64)
     scale64 = np.float64(scale)
+    cap64 = np.float64(softcap)
     for t in range(q.shape[0]):
         hi = min(n_kv, q_pos[t] + 1)
         lo = max(0, q_pos[t] - window + 1) if window > 0 else 0
@@ -93,6 +95,8 @@ def attend(q, k, v, q_pos, scale, window, p_f16, out):
                 acc = 0.0
                 for i in range(d):
                     acc += np.float64(q[t, h, i]) * np.float64(k[j, hk, i])
+                if softcap > 0:
+                    acc = np.tanh(acc / cap64) * cap64
                 s[j] = acc * scale64
                 top = max(top, s[j])
             o = h * dv

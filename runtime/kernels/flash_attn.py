@@ -143,11 +143,13 @@ def _dot_f16(x, y, n, lanes, acc):
     return F(s)
 
 
-@kernel(types.void(F3, H3, H3, P1, f32, i64, i64, i64, i64, F4M, i64, i64))
-def attend_chunks(q, k, v, q_pos, scale, window, n_view, n_threads, lanes, out, h0, h1):
+@kernel(types.void(F3, H3, H3, P1, f32, i64, i64, i64, i64, f32, F4M, i64, i64))
+def attend_chunks(q, k, v, q_pos, scale, window, n_view, n_threads, lanes, softcap, out, h0, h1):
     """The one-chunk and split-cell paths, for query heads h0..h1-1. q (n_tok, n_head, d)
     F16-valued float32; k, v (n_kv, n_head_kv, d) the cache's F16 bits; cells j < n_view
-    visible where j <= q_pos and (window == 0 or q_pos - j < window); out (n_tok, n_head * dv)."""
+    visible where j <= q_pos and (window == 0 or q_pos - j < window); out (n_tok, n_head * dv).
+    ``softcap`` != 0: s = softcap * tanhf(s * scale), the scale already divided by softcap
+    (ggml's order)."""
     n_tok, n_head, d = q.shape
     n_head_kv, dv = v.shape[1], v.shape[2]
     group = n_head // n_head_kv
@@ -174,6 +176,8 @@ def attend_chunks(q, k, v, q_pos, scale, window, n_view, n_threads, lanes, out, 
                     if j > p or (window > 0 and p - j >= window):
                         continue
                     s = _dot_f16(k[j, hk], q[t, h], d, lanes, lanes_acc) * scale
+                    if softcap != F(0):
+                        s = softcap * np.tanh(s)
                     ms, vs = F(1), F(1)
                     if s > m:
                         m_old, m = m, s
@@ -204,13 +208,14 @@ def attend_chunks(q, k, v, q_pos, scale, window, n_view, n_threads, lanes, out, 
                     out[t, h * dv + i] = fin[i] * inv
 
 
-@kernel(types.void(F3, H3, H3, P1, f32, i64, i64, i64, F4M, i64, i64))
-def attend_tiles(q, k, v, q_pos, scale, window, n_view, lanes, out, h0, h1):
+@kernel(types.void(F3, H3, H3, P1, f32, i64, i64, i64, f32, F4M, i64, i64))
+def attend_tiles(q, k, v, q_pos, scale, window, n_view, lanes, softcap, out, h0, h1):
     """The tiled path, for query heads h0..h1-1: q float32 (n_tok, n_head, d); k, v the
     cache's F16 bits. As ggml, a tile's keys are widened and transposed once for all the
     queries, so that each score's fma chain over the head dimension runs for the tile's
     cells side by side; the values' fma chains over the cells run for the head dimension
-    side by side: each element keeps ggml's order of operations."""
+    side by side: each element keeps ggml's order of operations. ``softcap`` as in
+    attend_chunks: tanhf of the scaled scores, then times softcap."""
     n_tok, n_head, d = q.shape
     n_head_kv, dv = v.shape[1], v.shape[2]
     group = n_head // n_head_kv
@@ -251,6 +256,8 @@ def attend_tiles(q, k, v, q_pos, scale, window, n_view, lanes, out, h0, h1):
                         sc[jj] = F(-np.inf)
                     else:
                         sc[jj] = sc[jj] * scale
+                        if softcap != F(0):
+                            sc[jj] = np.tanh(sc[jj]) * softcap
                         top = max(top, sc[jj])
                 if top == -np.inf:
                     continue
