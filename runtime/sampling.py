@@ -1,7 +1,7 @@
 """Sampling as a chain of filters over the logits, then one draw (greedy at temperature 0).
 
-The order is llama.cpp's common sampler: repetition penalty, top-k, top-p, min-p,
-temperature, then the draw from a seeded generator.
+The order is llama.cpp's common sampler: penalties (repetition, frequency, presence), top-k,
+top-p, min-p, temperature, then the draw from a seeded generator.
 """
 from __future__ import annotations
 
@@ -18,18 +18,24 @@ class SamplerSettings:
     top_p: float = 0.95
     min_p: float = 0.05
     repeat_penalty: float = 1.0
-    repeat_last_n: int = 64
+    repeat_last_n: int = 64          # the penalties look this far back; -1: the whole history
+    frequency_penalty: float = 0.0   # llama.cpp's penalty_freq: minus count x this
+    presence_penalty: float = 0.0    # llama.cpp's penalty_present: minus this once present
     seed: int | None = None
 
 
-def apply_repeat_penalty(logits: np.ndarray, recent: Sequence[int], penalty: float) -> np.ndarray:
-    """llama.cpp's penalty: positive logits divided, negative ones multiplied."""
-    if penalty == 1.0 or not len(recent):
+def apply_repeat_penalty(logits: np.ndarray, recent: Sequence[int], penalty: float,
+                         frequency: float = 0.0, presence: float = 0.0) -> np.ndarray:
+    """llama.cpp's penalties sampler over the tokens of ``recent``: each one's positive logit
+    divided by ``penalty``, a negative one multiplied, then ``count * frequency + presence``
+    subtracted (OpenAI's frequency_penalty and presence_penalty)."""
+    if (penalty == 1.0 and frequency == 0.0 and presence == 0.0) or not len(recent):
         return logits
-    ids = np.unique(np.asarray(recent, dtype=np.int64))
+    ids, counts = np.unique(np.asarray(recent, dtype=np.int64), return_counts=True)
     out = logits.copy()
     vals = out[ids]
-    out[ids] = np.where(vals > 0, vals / penalty, vals * penalty)
+    vals = np.where(vals > 0, vals / penalty, vals * penalty)
+    out[ids] = vals - (counts * frequency + presence)
     return out
 
 
@@ -80,7 +86,10 @@ class Sampler:
         s = self.s
         x = np.asarray(logits, dtype=np.float64)
         if s.repeat_last_n:
-            x = apply_repeat_penalty(x, list(history)[-s.repeat_last_n:], s.repeat_penalty)
+            recent = list(history)
+            recent = recent[-s.repeat_last_n:] if s.repeat_last_n > 0 else recent
+            x = apply_repeat_penalty(x, recent, s.repeat_penalty, s.frequency_penalty,
+                                     s.presence_penalty)
         if s.temperature <= 0.0:
             return int(np.argmax(x))
         x = min_p(top_p(top_k(x, s.top_k), s.top_p), s.min_p)
