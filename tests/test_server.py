@@ -177,6 +177,19 @@ def test_stop_strings(server, ref):
     assert streamed == want
 
 
+def test_the_next_turn_reuses_the_cached_prefix(server):
+    """A second chat turn evaluates only its new tokens (llama-server's timings: cache_n
+    reused, prompt_n evaluated)."""
+    body = {"messages": MESSAGES, "max_tokens": 6, "temperature": 0}
+    status, first = _http(server, "POST", "/v1/chat/completions", body)
+    assert status == 200
+    turn = MESSAGES + [first["choices"][0]["message"], {"role": "user", "content": "And then?"}]
+    status, second = _http(server, "POST", "/v1/chat/completions", {**body, "messages": turn})
+    t, n = second["timings"], second["usage"]["prompt_tokens"]
+    assert status == 200 and t["cache_n"] + t["prompt_n"] == n
+    assert t["cache_n"] >= first["usage"]["prompt_tokens"]   # the first turn is not evaluated again
+
+
 def test_seed_repeats_and_matches_generate(server, ref):
     c = _client(server)
 

@@ -27,7 +27,7 @@ def uvicorn_config(app, *, host: str = "127.0.0.1", port: int = 8080, log_level:
     return uvicorn.Config(app, host=host, port=port, log_level=log_level, http="h11",
                           loop="asyncio", lifespan="off", limit_concurrency=256,
                           timeout_keep_alive=5, h11_max_incomplete_event_size=64 * 1024,
-                          server_header=False)
+                          timeout_graceful_shutdown=5, server_header=False)
 
 
 def serve(model, settings: ServerSettings, *, host: str = "127.0.0.1", port: int = 8080,
@@ -42,4 +42,4 @@ def serve(model, settings: ServerSettings, *, host: str = "127.0.0.1", port: int
     try:
         uvicorn.Server(uvicorn_config(app, host=host, port=port, log_level=log_level)).run()
     finally:
-        app.state.api.engine.close()
+        app.state.api.engine.close()   # cancels what runs, ends the worker

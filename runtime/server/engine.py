@@ -92,6 +92,8 @@ class Engine:
         self._pending = 0   # admitted and not finished: the running job and those waiting
         self.busy = False
         self.last: tuple[str, int] | None = None  # the last job's finish reason and tokens
+        self._current: Job | None = None
+        self._closing = False
         self._thread = threading.Thread(target=self._run, name="ggforge-generate", daemon=True)
         self._thread.start()
 
@@ -104,6 +106,8 @@ class Engine:
         """Queue ``job``; QueueFullError when one runs and max_waiting more already wait."""
         job.loop = job.loop or asyncio.get_running_loop()
         with self._lock:
+            if self._closing:
+                raise QueueFullError("the server is shutting down")
             if self._pending > self.max_waiting:
                 raise QueueFullError(f"{self._pending - 1} requests are already waiting for the "
                                      "model; retry later")
@@ -111,6 +115,10 @@ class Engine:
         self._jobs.put(job)
 
     def close(self, timeout: float = 5.0) -> None:
+        """Cancel the running job and those waiting, and end the worker thread."""
+        self._closing = True
+        if self._current is not None:
+            self._current.cancel()
         self._jobs.put(None)
         self._thread.join(timeout)
 
@@ -120,7 +128,9 @@ class Engine:
             if job is None:
                 return
             with self._lock:
-                self.busy = True
+                self.busy, self._current = True, job
+            if self._closing:
+                job.cancel()
             try:
                 if job.cancelled.is_set():  # its client left while it waited
                     self.last = ("cancelled", 0)
@@ -133,13 +143,13 @@ class Engine:
             finally:
                 with self._lock:
                     self._pending -= 1
-                    self.busy = False
+                    self.busy, self._current = False, None
 
     def _generate(self, job: Job) -> None:
         m = self.model
         text = TextStream(m.tokenizer, job.stop)
         n, finish, t0 = 0, None, time.perf_counter()
-        t_first = None
+        t_first, cache_n = None, _reused(m, job.ids)
         gen = m.generate_tokens(job.ids, max_tokens=job.max_tokens, settings=job.settings)
         try:
             for tok in gen:
@@ -167,10 +177,26 @@ class Engine:
         t1 = time.perf_counter()
         usage = _usage(job.ids, n)
         self.last = (finish, n)
-        timings = {"prompt_ms": round(((t_first or t1) - t0) * 1e3, 3),
+        # llama-server's names: prompt_n evaluated, cache_n reused from the previous request
+        timings = {"cache_n": cache_n, "prompt_n": len(job.ids) - cache_n,
+                   "prompt_ms": round(((t_first or t1) - t0) * 1e3, 3),
                    "predicted_n": n, "predicted_ms": round((t1 - (t_first or t1)) * 1e3, 3)}
         job.emit("done", finish, usage, timings)
 
 
 def _usage(ids: list[int], n: int) -> dict:
     return {"prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n}
+
+
+def _reused(m, ids: list[int]) -> int:
+    """How many of ``ids`` the KV cache holds from the previous request (LoadedModel's
+    prefill keeps the common prefix and evaluates the rest)."""
+    cached = getattr(m, "_cached", None)
+    if not cached:
+        return 0
+    common = 0
+    for a, b in zip(cached, ids):
+        if a != b:
+            break
+        common += 1
+    return m.cache.reusable(min(common, len(ids) - 1))
