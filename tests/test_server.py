@@ -19,6 +19,8 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import hypothesis as hyp
+import hypothesis.strategies as st
 import pytest
 
 from require import require
@@ -392,6 +394,59 @@ def test_concurrent_streaming_clients_are_all_answered(server, ref):
           f"{total / dt:.1f} tokens/s through the server (prompts included); generate() "
           f"alone on the same prompts, one after another: about {alone:.1f} tokens/s")
     _healthy(server)
+
+
+class _FailingModel(_GatedModel):
+    def generate_tokens(self, ids, *, max_tokens, settings):
+        yield ids[1]
+        raise RuntimeError("the device fell over")
+
+
+def test_a_failing_generation_is_an_error_not_a_dead_server(ref):
+    """A generation that raises: 500 with an error body, or an error event in the stream
+    followed by [DONE]; the worker lives on and serves the next request."""
+    from ggforge.runtime.server import ServerSettings, create_app
+
+    app = create_app(_FailingModel(ref.tokenizer, ref.model.config), ServerSettings(model_name="f"))
+    with _serving(app) as base:
+        for _ in range(2):
+            status, body = _http(base, "POST", "/v1/completions", {"prompt": PROMPT})
+            assert status == 500 and "the device fell over" in body["error"]["message"]
+        status, body = _http(base, "POST", "/v1/completions", {"prompt": PROMPT, "stream": True})
+        events = [e for e in body.split("\n\n") if e]
+        assert status == 200 and events[-1] == "data: [DONE]"
+        assert "the device fell over" in json.loads(events[-2].removeprefix("data: "))["error"]["message"]
+        _healthy(base)
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False)
+                    | st.text(max_size=8), lambda kids: st.lists(kids, max_size=3)
+                    | st.dictionaries(st.text(max_size=6), kids, max_size=3), max_leaves=8)
+FIELDS = sorted(["messages", "temperature", "top_p", "top_k", "min_p", "max_tokens", "stop", "seed",
+                 "stream", "stream_options", "presence_penalty", "frequency_penalty", "n", "logprobs",
+                 "response_format", "repeat_last_n", "user", "model", "tools", "bogus"])
+
+
+@hyp.settings(max_examples=150, deadline=None, suppress_health_check=list(hyp.HealthCheck))
+@hyp.given(field=st.sampled_from(FIELDS), value=JSON)
+def test_any_json_in_any_field_is_answered_200_or_400(server, field, value):
+    body = {"messages": MESSAGES, "max_tokens": 2, field: value}
+    if field == "max_tokens" and isinstance(value, int) and value > 8:
+        body[field] = 8 + value % 8   # keep the run short; the range checks are above
+    status, resp = _http(server, "POST", "/v1/chat/completions", body)
+    assert status in (200, 400), (status, resp)
+    if status == 400:
+        assert resp["error"]["type"] == "invalid_request_error" and resp["error"]["message"]
+
+
+@hyp.settings(max_examples=80, deadline=None, suppress_health_check=list(hyp.HealthCheck))
+@hyp.given(prompt=JSON | st.lists(st.integers(-5, 800), max_size=5) | st.text(max_size=40),
+           path=st.sampled_from(["/v1/completions", "/tokenize", "/detokenize"]))
+def test_any_prompt_or_tokens_are_answered_200_or_400(server, prompt, path):
+    key = {"/v1/completions": "prompt", "/tokenize": "content", "/detokenize": "tokens"}[path]
+    body = {key: prompt, **({"max_tokens": 2} if key == "prompt" else {})}
+    status, resp = _http(server, "POST", path, body)
+    assert status in (200, 400), (status, resp)
 
 
 def _free_port() -> int:
