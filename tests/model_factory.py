@@ -51,6 +51,23 @@ MODELS: dict[str, TinyModel] = {m.name: m for m in [
     TinyModel("gemma3", "Gemma3TextConfig", "gemma3-spm",
               dict(num_hidden_layers=6, head_dim=64, query_pre_attn_scalar=64, sliding_window=4,
                    rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh")),
+    # Gemma 2: soft-caps small enough to bite on random weights (real models: 50 and 30)
+    TinyModel("gemma2", "Gemma2Config", "gemma3-spm",
+              dict(num_hidden_layers=4, head_dim=64, query_pre_attn_scalar=64, sliding_window=4,
+                   rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh",
+                   attn_logit_softcapping=1.5, final_logit_softcapping=4.0)),
+    # Phi-3: fused qkv and gate_up projections, neox rope on Q and K
+    TinyModel("phi3", "Phi3Config", "phi3-spm",
+              dict(tie_word_embeddings=False, sliding_window=None, original_max_position_embeddings=512,
+                   rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
+    # Phi-3 128k's longrope: long factors past the original context (llama.cpp: by the context
+    # size; transformers: by the sequence length, so not compared with transformers)
+    TinyModel("phi3-long", "Phi3Config", "phi3-spm",
+              dict(tie_word_embeddings=False, sliding_window=None, max_position_embeddings=1024,
+                   original_max_position_embeddings=128,
+                   rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                                    "long_factor": [1.0 + 0.1 * i for i in range(32)],
+                                    "short_factor": [1.0 + 0.01 * i for i in range(32)]})),
     # Gemma-3-270M's layer shapes (rows of 640: K-quants fall back to Q5_0/Q8_0), six layers:
     # tens of MiB of weights, for memory measurements
     TinyModel("gemma3-wide", "Gemma3TextConfig", "gemma3-spm",
@@ -61,7 +78,8 @@ MODELS: dict[str, TinyModel] = {m.name: m for m in [
 
 ARCHITECTURES = {"LlamaConfig": "LlamaForCausalLM", "MistralConfig": "MistralForCausalLM",
                  "Qwen2Config": "Qwen2ForCausalLM", "Qwen3Config": "Qwen3ForCausalLM",
-                 "Gemma3TextConfig": "Gemma3ForCausalLM"}
+                 "Gemma3TextConfig": "Gemma3ForCausalLM", "Gemma2Config": "Gemma2ForCausalLM",
+                 "Phi3Config": "Phi3ForCausalLM"}
 
 
 def _randomize(model: Any, seed: int) -> None:

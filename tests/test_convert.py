@@ -46,7 +46,8 @@ def hf_reference(tiny_model):
 
 
 # llama-odd has its own tests; gemma3-wide is gemma3 at real widths, for memory measurements
-ARCHS = [a for a in MODELS if a not in ("llama-odd", "gemma3-wide")]
+# phi3-long: transformers picks longrope's factors by sequence length, llama.cpp by context size
+ARCHS = [a for a in MODELS if a not in ("llama-odd", "gemma3-wide", "phi3-long")]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -58,7 +59,7 @@ def test_llama_cpp_logits_match_transformers(arch, ftype, hf_reference, tmp_path
     err = _rel_err(got, ref)
     LOGIT_ERRORS[(arch, ftype)] = err
     bound = BOUNDS[ftype]
-    if arch == "gemma3" and ftype == "F32":
+    if arch in ("gemma3", "gemma2") and ftype == "F32":
         bound = 1e-3  # ggml's CPU GELU looks x up in a table indexed by its fp16 value
     assert err < bound, f"{arch} {ftype}: relative logit error {err:.3g}"
     if ftype in ("F32", "F16"):  # the greedy choice survives float rounding
@@ -169,3 +170,114 @@ def test_gemma3_unused_embedding_rows_are_dropped(tiny_model, tmp_path):
     with GGUFFile.open(out) as g:
         assert g.tensors["token_embd.weight"].shape == (n_vocab, emb.shape[1])
         assert np.array_equal(g.array("token_embd.weight"), emb)
+
+
+# -- what llama.cpp's converter writes for the same tiny models -----------------------------------
+# Read from convert_hf_to_gguf.py's own output (the llama.cpp bundled with llama-cpp-python
+# 0.3.36, run on these MODELS with --outtype f32, 2026-12-08: gguf-py's GGUFReader, every key
+# but general.name and the chat template, each tensor of block 0 standing for every block); the
+# weights themselves were equal byte for byte. The converter is not on CI, so its listing is here.
+_U, _F, _S, _B = "UINT32", "FLOAT32", "STRING", "BOOL"
+_SPM = {"tokenizer.ggml.model": (_S, "llama"), "tokenizer.ggml.pre": (_S, "default"),
+        "tokenizer.ggml.add_bos_token": (_B, True), "tokenizer.ggml.add_sep_token": (_B, False),
+        "tokenizer.ggml.add_eos_token": (_B, False), "general.type": (_S, "model"),
+        "general.file_type": (_U, 0), "general.quantization_version": (_U, 2)}
+_PHI3_KEYS = {
+    **_SPM, "general.architecture": (_S, "phi3"), "general.size_label": (_S, "1.5M"),
+    "phi3.context_length": (_U, 512), "phi3.rope.scaling.original_context_length": (_U, 512),
+    "phi3.embedding_length": (_U, 256), "phi3.feed_forward_length": (_U, 512), "phi3.block_count": (_U, 2),
+    "phi3.attention.head_count": (_U, 4), "phi3.attention.head_count_kv": (_U, 2),
+    "phi3.attention.layer_norm_rms_epsilon": (_F, 1e-05), "phi3.rope.dimension_count": (_U, 64),
+    "phi3.rope.freq_base": (_F, 10000.0), "phi3.attention.sliding_window": (_U, 0),
+    "tokenizer.ggml.tokens": ("ARRAY", _S, 704), "tokenizer.ggml.scores": ("ARRAY", _F, 704),
+    "tokenizer.ggml.token_type": ("ARRAY", "INT32", 704), "tokenizer.ggml.bos_token_id": (_U, 1),
+    "tokenizer.ggml.eos_token_id": (_U, 700), "tokenizer.ggml.unknown_token_id": (_U, 0),
+    "tokenizer.ggml.padding_token_id": (_U, 700)}
+_PHI3_TENSORS = {
+    "output.weight": ((256, 704), "F32"), "token_embd.weight": ((256, 704), "F32"),
+    "output_norm.weight": ((256,), "F32"), "blk.{i}.attn_norm.weight": ((256,), "F32"),
+    "blk.{i}.attn_qkv.weight": ((256, 512), "F32"), "blk.{i}.attn_output.weight": ((256, 256), "F32"),
+    "blk.{i}.ffn_norm.weight": ((256,), "F32"), "blk.{i}.ffn_up.weight": ((256, 1024), "F32"),
+    "blk.{i}.ffn_down.weight": ((512, 256), "F32")}
+LLAMA_CPP_LISTING = {
+    "gemma2": ({
+        **_SPM, "general.architecture": (_S, "gemma2"), "general.size_label": (_S, "2.5M"),
+        "gemma2.context_length": (_U, 512), "gemma2.embedding_length": (_U, 256), "gemma2.block_count": (_U, 4),
+        "gemma2.feed_forward_length": (_U, 512), "gemma2.attention.head_count": (_U, 4),
+        "gemma2.attention.head_count_kv": (_U, 2), "gemma2.attention.layer_norm_rms_epsilon": (_F, 1e-06),
+        "gemma2.attention.key_length": (_U, 64), "gemma2.attention.value_length": (_U, 64),
+        "gemma2.attn_logit_softcapping": (_F, 1.5), "gemma2.final_logit_softcapping": (_F, 4.0),
+        "gemma2.attention.sliding_window": (_U, 4),
+        "tokenizer.ggml.tokens": ("ARRAY", _S, 700), "tokenizer.ggml.scores": ("ARRAY", _F, 700),
+        "tokenizer.ggml.token_type": ("ARRAY", "INT32", 700), "tokenizer.ggml.bos_token_id": (_U, 2),
+        "tokenizer.ggml.eos_token_id": (_U, 1), "tokenizer.ggml.unknown_token_id": (_U, 3),
+        "tokenizer.ggml.padding_token_id": (_U, 0), "tokenizer.ggml.mask_token_id": (_U, 4),
+        "tokenizer.ggml.add_space_prefix": (_B, False)}, {
+        "token_embd.weight": ((256, 700), "F32"), "output_norm.weight": ((256,), "F32"),
+        "blk.{i}.attn_norm.weight": ((256,), "F32"), "blk.{i}.attn_q.weight": ((256, 256), "F32"),
+        "blk.{i}.attn_k.weight": ((256, 128), "F32"), "blk.{i}.attn_v.weight": ((256, 128), "F32"),
+        "blk.{i}.attn_output.weight": ((256, 256), "F32"), "blk.{i}.post_attention_norm.weight": ((256,), "F32"),
+        "blk.{i}.ffn_norm.weight": ((256,), "F32"), "blk.{i}.ffn_gate.weight": ((256, 512), "F32"),
+        "blk.{i}.ffn_up.weight": ((256, 512), "F32"), "blk.{i}.ffn_down.weight": ((512, 256), "F32"),
+        "blk.{i}.post_ffw_norm.weight": ((256,), "F32")}),
+    "phi3": (_PHI3_KEYS, _PHI3_TENSORS),
+    "phi3-long": ({
+        **_PHI3_KEYS, "phi3.context_length": (_U, 1024), "phi3.rope.scaling.original_context_length": (_U, 128),
+        "phi3.rope.scaling.attn_factor": (_F, 1.1952286)}, {
+        **_PHI3_TENSORS, "rope_factors_long.weight": ((32,), "F32"), "rope_factors_short.weight": ((32,), "F32")}),
+}
+
+
+def _listing(path) -> tuple[dict, dict]:
+    r = gguf.GGUFReader(path)
+    kvs = {}
+    for f in r.fields.values():
+        if f.name.startswith(("GGUF.", "ggforge.")) or f.name in ("general.name", "tokenizer.chat_template"):
+            continue
+        if f.types[0] == gguf.GGUFValueType.ARRAY:
+            kvs[f.name] = ("ARRAY", f.types[-1].name, len(f.data))
+        else:
+            v = f.contents()
+            kvs[f.name] = (f.types[0].name, round(v, 7) if isinstance(v, float) else v)
+    n_blocks = kvs[f"{kvs['general.architecture'][1]}.block_count"][1]
+    tensors = {t.name: (tuple(int(x) for x in t.shape), t.tensor_type.name) for t in r.tensors}
+    return kvs, tensors, n_blocks
+
+
+@pytest.mark.parametrize("arch", list(LLAMA_CPP_LISTING))
+def test_same_keys_and_tensors_as_llama_cpp_converter(arch, tiny_model, tmp_path):
+    """Key for key (type and value; arrays by length), tensor for tensor (name, shape, type)."""
+    keys, tensors = LLAMA_CPP_LISTING[arch]
+    ours, our_tensors, n_blocks = _listing(convert(tiny_model(arch), "f32", tmp_path / "m.gguf").output)
+    assert ours == keys
+    want = {n.format(i=i): v for n, v in tensors.items() for i in range(n_blocks if "{i}" in n else 1)}
+    assert our_tensors == want
+
+
+def test_phi3_added_tokens_as_llama_cpp_converter(tiny_model, tmp_path):
+    """Phi3MiniModel.set_vocab: tokenizer.json's added tokens past the SentencePiece pieces
+    are CONTROL with score -1000; <unk>, <s>, </s> too (they are added tokens as well)."""
+    out = convert(tiny_model("phi3"), "f32", tmp_path / "m.gguf").output
+    with GGUFFile.open(out) as g:
+        md = g.metadata
+        assert list(md["tokenizer.ggml.tokens"][700:]) == ["<|endoftext|>", "<|assistant|>", "<|end|>", "<|user|>"]
+        assert list(md["tokenizer.ggml.token_type"][:3]) == [3, 3, 3]
+        assert list(md["tokenizer.ggml.token_type"][698:]) == [1, 1, 3, 3, 3, 3]
+        assert list(md["tokenizer.ggml.scores"][700:]) == [-1000.0] * 4
+
+
+def test_unsupported_architecture_is_one_line_listing_the_supported(tmp_path):
+    import json
+
+    from safetensors.numpy import save_file
+
+    from ggforge.formats.errors import UnsupportedModelError
+
+    save_file({"x.weight": np.ones((2, 2), np.float32)}, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["FalconForCausalLM"]}))
+    with pytest.raises(UnsupportedModelError) as e:
+        convert(tmp_path, "f32", tmp_path / "m.gguf")
+    msg = str(e.value)
+    assert "\n" not in msg and "FalconForCausalLM" in msg
+    for name in ("Gemma2ForCausalLM", "Phi3ForCausalLM", "Gemma3ForCausalLM", "LlamaForCausalLM"):
+        assert name in msg

@@ -27,9 +27,10 @@ llama_cpp = require("llama_cpp")
 
 MIXES = [n for n, ft in FILE_TYPES.items() if ft.quantized]
 NAMED = ["Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K"]
-ALL_ARCHS = ["llama2", "llama3", "smollm", "mistral", "qwen2", "qwen3", "gemma3"]
-CASES = ([(a, m) for a in ("llama2", "llama-odd") for m in MIXES]
-         + [(a, m) for a in ALL_ARCHS if a != "llama2" for m in NAMED])
+ALL_ARCHS = ["llama2", "llama3", "smollm", "mistral", "qwen2", "qwen3", "gemma3", "gemma2", "phi3"]
+# every mix on llama2 and llama-odd, and on phi3 (its fused attn_qkv has llama-quantize's own rules)
+CASES = ([(a, m) for a in ("llama2", "llama-odd", "phi3") for m in MIXES]
+         + [(a, m) for a in ALL_ARCHS if a not in ("llama2", "phi3") for m in NAMED])
 
 
 def llama_quantize(src, dst, ftype: str, *, imatrix: dict[str, np.ndarray] | None = None,

@@ -389,8 +389,11 @@ def test_unknown_pretokenizer_is_refused(exported, tmp_path):
 
 # -- bad input ----------------------------------------------------------------------------------------------
 def test_unsupported_arch_and_missing_files(tmp_path):
-    with pytest.raises(UnsupportedModelError, match="supported: llama, qwen2, qwen3, gemma3"):
-        export_tokenizer(tmp_path, "phi3")
+    with pytest.raises(UnsupportedModelError, match="supported: llama, qwen2, qwen3, gemma3, gemma2, phi3"):
+        export_tokenizer(tmp_path, "falcon")
+    for arch in ("gemma2", "phi3"):   # their converters read tokenizer.model only
+        with pytest.raises(UnsupportedModelError, match="needs tokenizer.model"):
+            export_tokenizer(tmp_path, arch)
     with pytest.raises(UnsupportedModelError, match="no tokenizer.json or tokenizer.model"):
         export_tokenizer(tmp_path, "qwen2")
 
@@ -456,7 +459,7 @@ def _tokenizer_fields(path: Path) -> list[tuple[str, tuple[int, ...], object]]:
     ("llama2-spm", "LlamaForCausalLM", "llama"), ("llama2-spm", "MistralForCausalLM", "mistral"),
     ("gemma3-spm", "Gemma3ForCausalLM", "gemma3_text"), ("llama3-bpe", "LlamaForCausalLM", "llama"),
     ("smollm-bpe", "LlamaForCausalLM", "llama"), ("qwen2-bpe", "Qwen2ForCausalLM", "qwen2"),
-    ("qwen2-bpe", "Qwen3ForCausalLM", "qwen3")])
+    ("qwen2-bpe", "Qwen3ForCausalLM", "qwen3"), ("gemma3-spm", "Gemma2ForCausalLM", "gemma2")])
 def test_same_metadata_as_llama_cpp_converter(exported, kind, hf_arch, model_type, tmp_path):
     """Key for key, type for type, value for value (in order) what convert_hf_to_gguf.py
     writes, on a config.json whose vocab_size asks for padding."""

@@ -7,7 +7,8 @@ Each kind mimics the files of one model family as its Hugging Face repos ship th
 | kind        | like                     | files                                   | model                           |
 |-------------|--------------------------|-----------------------------------------|---------------------------------|
 | llama2-spm  | Llama 2, TinyLlama, Mistral v0.1 | tokenizer.model + tokenizer.json | SentencePiece BPE, byte fallback, `▁` prefix |
-| gemma3-spm  | Gemma 3                  | tokenizer.model + tokenizer.json        | SentencePiece BPE, no prefix, <pad>=0 <eos>=1 <bos>=2 <unk>=3 |
+| phi3-spm    | Phi-3 (mini, medium)     | tokenizer.model + tokenizer.json        | llama2-spm, its chat tokens added past the pieces |
+| gemma3-spm  | Gemma 3, Gemma 2         | tokenizer.model + tokenizer.json        | SentencePiece BPE, no prefix, <pad>=0 <eos>=1 <bos>=2 <unk>=3 |
 | llama3-bpe  | Llama 3.x                | tokenizer.json                          | byte-level BPE, Llama 3 split regex, ignore_merges |
 | qwen2-bpe   | Qwen 2.5 / Qwen 3        | tokenizer.json                          | byte-level BPE, Qwen regex, NFC |
 | smollm-bpe  | SmolLM / SmolLM2         | tokenizer.json                          | byte-level BPE, GPT-2 regex, single digits |
@@ -165,6 +166,31 @@ def _llama2_spm(folder: Path) -> None:
         "padding_side": "right", "sp_model_kwargs": {}, "tokenizer_class": "LlamaTokenizer",
         "use_default_system_prompt": False,
     }, {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"})
+
+
+PHI3_TOKENS = ["<|endoftext|>", "<|assistant|>", "<|end|>", "<|user|>"]
+PHI3_TEMPLATE = ("{% for message in messages %}{{ '<|' + message['role'] + '|>' + '\n' + message['content'] "
+                 "+ '<|end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}")
+
+
+@_kind("phi3-spm")
+def _phi3_spm(folder: Path) -> None:
+    """Phi-3's layout: the SentencePiece model knows only its pieces; the chat tokens (ids
+    past them) are in tokenizer.json's added_tokens, as Phi-3-mini ships them."""
+    from tokenizers import AddedToken
+
+    model = _train_spm(700, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, add_dummy_prefix=True)
+    (folder / "tokenizer.model").write_bytes(model)
+    tok = _spm_tokenizer_json(model, "<unk>", "<s>", prefix=True, user_defined=[])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in PHI3_TOKENS])
+    tok.save(str(folder / "tokenizer.json"))
+    _write_config(folder, tok, {
+        "add_bos_token": True, "add_eos_token": False, "bos_token": "<s>", "eos_token": "<|endoftext|>",
+        "unk_token": "<unk>", "pad_token": "<|endoftext|>", "chat_template": PHI3_TEMPLATE,
+        "clean_up_tokenization_spaces": False, "legacy": False, "model_max_length": 4096,
+        "padding_side": "left", "sp_model_kwargs": {}, "tokenizer_class": "LlamaTokenizer",
+        "use_default_system_prompt": False,
+    }, {"bos_token": "<s>", "eos_token": "<|endoftext|>", "unk_token": "<unk>", "pad_token": "<|endoftext|>"})
 
 
 @_kind("gemma3-spm")

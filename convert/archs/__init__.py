@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 from ggforge.convert.archs.base import ArchSpec, HParams
+from ggforge.convert.archs.gemma2 import GEMMA2
 from ggforge.convert.archs.gemma3 import GEMMA3
 from ggforge.convert.archs.llama import LLAMA
+from ggforge.convert.archs.phi3 import PHI3
 from ggforge.convert.archs.qwen import QWEN2, QWEN3
 from ggforge.formats.errors import UnsupportedModelError
 
-SPECS: tuple[ArchSpec, ...] = (LLAMA, QWEN2, QWEN3, GEMMA3)
+SPECS: tuple[ArchSpec, ...] = (LLAMA, QWEN2, QWEN3, GEMMA2, GEMMA3, PHI3)
 BY_HF_NAME: dict[str, ArchSpec] = {n: s for s in SPECS for n in s.hf_names}
 
 

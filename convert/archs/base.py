@@ -93,6 +93,9 @@ class ArchSpec:
     llama3_rope_freqs: bool = False        # llama3 rope scaling as a rope_freqs tensor
     trim_embd_to_vocab: bool = False       # drop token_embd rows past the tokenizer's vocabulary
     extra_kv: Callable[["ArchSpec", HParams], list[KV]] | None = None
+    common_kvs: bool = True                # False: extra_kv writes every `{arch}.*` key itself
+    #                                        (families whose set_gguf_parameters skips the base's)
+    extra: Callable[["ArchSpec", HParams], Iterator[tuple[str, np.ndarray]]] | None = None
     defaults: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -107,6 +110,8 @@ class ArchSpec:
         """The `{arch}.*` keys, as TextModel.set_gguf_parameters writes them."""
         K, k = gguf.Keys, self.key
         hp = HParams({**self.defaults, **hp.raw}, hp.path)
+        if not self.common_kvs:
+            return _dedupe(self.extra_kv(self, hp) if self.extra_kv is not None else [])
         out = [KV(k(K.LLM.BLOCK_COUNT), V.UINT32, int(hp.need("num_hidden_layers", "n_layer")))]
 
         def u32(key: str, *names: str) -> None:
@@ -146,7 +151,10 @@ class ArchSpec:
         return data
 
     def extra_tensors(self, hp: HParams) -> Iterator[tuple[str, np.ndarray]]:
-        """Tensors llama.cpp's converter generates (rope_freqs for llama3 scaling)."""
+        """Tensors llama.cpp's converter generates (rope_freqs for llama3 scaling, the
+        family's own: Phi-3's long/short rope factors)."""
+        if self.extra is not None:
+            yield from self.extra(self, hp)
         rp = hp.rope_full()
         if self.llama3_rope_freqs and str(rp.get("rope_type", "")).lower() == "llama3":
             yield "rope_freqs.weight", llama3_rope_factors(rp, hp.head_dim)

@@ -11,6 +11,8 @@ Which path a family takes is theirs too:
 | llama (Llama, Mistral) | `llama` model; add_space_prefix from tokenizer_config's add_prefix_space | `gpt2` model + pre-tokenizer |
 | qwen2, qwen3    | `llama` model                           | `gpt2` model + pre-tokenizer         |
 | gemma3          | `llama` model, add_space_prefix = false | `gpt2` model + pre-tokenizer         |
+| gemma2          | `llama` model, add_space_prefix = false | (refused: the converter needs tokenizer.model) |
+| phi3            | `llama` model, added tokens its own way | `gpt2` model when tokenizer_class is GPT2Tokenizer (Phi-4) |
 
 Files are read as data (JSON, the SentencePiece protobuf); nothing in the folder runs.
 """
@@ -27,7 +29,7 @@ from ggforge.formats.gguf_writer import KV
 from ggforge.convert.tokenizer.bpe import bpe_kvs
 from ggforge.convert.tokenizer.files import read_hparams, read_json
 from ggforge.convert.tokenizer.special import load_special_tokens
-from ggforge.convert.tokenizer.spm import spm_kvs
+from ggforge.convert.tokenizer.spm import phi3_spm_kvs, spm_kvs
 
 __all__ = ["export_tokenizer", "SUPPORTED_ARCHS"]
 
@@ -35,7 +37,8 @@ T = gguf.Keys.Tokenizer
 
 # what transformers' AutoConfig fills in for a config.json without vocab_size: llama.cpp's
 # converter reads config.json through it (LlamaConfig/MistralConfig, Qwen2/3Config, Gemma3TextConfig)
-CONFIG_DEFAULT_VOCAB = {"llama": 32000, "qwen2": 151936, "qwen3": 151936, "gemma3": 262208}
+CONFIG_DEFAULT_VOCAB = {"llama": 32000, "qwen2": 151936, "qwen3": 151936, "gemma3": 262208,
+                        "gemma2": 256000, "phi3": 32064}
 CODELLAMA_VOCAB = 32016  # CodeLlama: fill-in-the-middle tokens at fixed ids
 GRANITE_SMALL_VOCAB = 49152  # the converter turns BOS off for this vocabulary size (SmolLM's too)
 
@@ -99,8 +102,26 @@ def _gemma3(model_dir: Path, hparams: dict[str, Any], arch: str) -> list[KV]:
     return kvs
 
 
+def _gemma2(model_dir: Path, hparams: dict[str, Any], arch: str) -> list[KV]:
+    """Gemma2Model.set_vocab: SentencePiece only, without the space prefix."""
+    if not (model_dir / "tokenizer.model").is_file():
+        raise UnsupportedModelError(f"{model_dir}: Gemma 2 needs tokenizer.model (as llama.cpp's converter does)")
+    return spm_kvs(model_dir, hparams) + [KV(T.ADD_PREFIX, V.BOOL, False)]
+
+
+def _phi3(model_dir: Path, hparams: dict[str, Any], arch: str) -> list[KV]:
+    """Phi3MiniModel.set_vocab: byte-level BPE for a GPT2Tokenizer (Phi-4), else its own
+    reading of tokenizer.model."""
+    if (read_json(model_dir / "tokenizer_config.json") or {}).get("tokenizer_class") == "GPT2Tokenizer":
+        return bpe_kvs(model_dir, hparams, arch)
+    if not (model_dir / "tokenizer.model").is_file():
+        raise UnsupportedModelError(f"{model_dir}: Phi-3 needs tokenizer.model (as llama.cpp's converter does)")
+    return phi3_spm_kvs(model_dir, hparams)
+
+
 FAMILIES: dict[str, Callable[[Path, dict[str, Any], str], list[KV]]] = {
-    "llama": _llama, "qwen2": _qwen, "qwen3": _qwen, "gemma3": _gemma3,
+    "llama": _llama, "qwen2": _qwen, "qwen3": _qwen, "gemma3": _gemma3, "gemma2": _gemma2,
+    "phi3": _phi3,
 }
 SUPPORTED_ARCHS = tuple(FAMILIES)
 

@@ -93,3 +93,40 @@ def spm_kvs(model_dir: Path, hparams: dict[str, Any]) -> list[KV]:
            KV(T.LIST, V.ARRAY, tokens, V.STRING), KV(T.SCORES, V.ARRAY, scores, V.FLOAT32),
            KV(T.TOKEN_TYPE, V.ARRAY, types, V.INT32)]
     return kvs + load_special_tokens(model_dir, n_vocab=len(tokens)).kvs()
+
+
+def phi3_spm_kvs(model_dir: Path, hparams: dict[str, Any]) -> list[KV]:
+    """Phi3MiniModel.set_vocab: the pieces padded to vocab_size as above, then added_tokens.json,
+    tokenizer_config.json's added_tokens_decoder and tokenizer.json's added_tokens, each token
+    USER_DEFINED (CONTROL when marked special) with score -1000, unnormalized."""
+    pieces = spm_proto.read_pieces(model_dir / "tokenizer.model")
+    n_vocab = vocab_size_hint(hparams, "vocab_size") or len(pieces)
+    tokens = [f"[PAD{i}]" for i in range(n_vocab)]
+    scores = [-10000.0] * n_vocab
+    types = [int(TT.UNUSED)] * n_vocab
+    for i, piece in enumerate(pieces[:n_vocab]):
+        tokens[i], scores[i], types[i] = piece.text, piece.score, int(_TYPE.get(piece.type, TT.NORMAL))
+    for content, tid in (read_json(model_dir / "added_tokens.json") or {}).items():
+        if _in_range(tid, n_vocab, model_dir / "added_tokens.json"):
+            tokens[tid], scores[tid], types[tid] = content, -1000.0, int(TT.USER_DEFINED)
+    config_path, json_path = model_dir / "tokenizer_config.json", model_dir / "tokenizer.json"
+    decoder = (read_json(config_path) or {}).get("added_tokens_decoder") or {}
+    if not isinstance(decoder, dict):
+        raise FormatError(f"{config_path}: added_tokens_decoder is not an object")
+    added = [(_int_key(k, config_path), d, config_path) for k, d in decoder.items()]
+    listed = (read_json(json_path) or {}).get("added_tokens") or []
+    if not isinstance(listed, list):
+        raise FormatError(f"{json_path}: added_tokens is not a list")
+    added += [(d.get("id") if isinstance(d, dict) else None, d, json_path) for d in listed]
+    for tid, data, path in added:
+        content = data.get("content") if isinstance(data, dict) else None
+        if not isinstance(content, str):
+            raise FormatError(f"{path}: added token {tid} has no content")
+        if not _in_range(tid, n_vocab, path):
+            continue
+        tokens[tid], scores[tid] = content, -1000.0
+        types[tid] = int(TT.CONTROL if data.get("special") else TT.USER_DEFINED)
+    kvs = [KV(T.MODEL, V.STRING, "llama"), KV(T.PRE, V.STRING, "default"),
+           KV(T.LIST, V.ARRAY, tokens, V.STRING), KV(T.SCORES, V.ARRAY, scores, V.FLOAT32),
+           KV(T.TOKEN_TYPE, V.ARRAY, types, V.INT32)]
+    return kvs + load_special_tokens(model_dir, n_vocab=len(tokens)).kvs()
