@@ -191,8 +191,8 @@ def test_short_text_is_one_error_naming_it_and_its_tokens(tmp_path):
     assert list(work.iterdir()) == []
 
 
-def test_quantized_gguf_source_is_refused():
-    q4 = MODEL / "pystdlib-6m-Q4_K_M.gguf"
+def test_quantized_gguf_source_is_refused(tmp_path):
+    q4 = convert(MODEL, "Q4_K_M", tmp_path / "pystdlib-6m-Q4_K_M.gguf").output
     with pytest.raises(FormatError, match=r"pystdlib-6m-Q4_K_M\.gguf: tensor .* is Q"):
         calibrate(q4, DATA / TEXT, n_ctx=64)
 
