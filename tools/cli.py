@@ -366,9 +366,10 @@ def bench_quantize_cmd(source: str, types: str, repeat: int, workdir: str | None
 
 from ggforge.tools.eval_cli import eval_cmd  # noqa: E402
 from ggforge.tools.imatrix_cli import imatrix_cmd  # noqa: E402
+from ggforge.tools.serve_cli import serve_cmd  # noqa: E402
 
 for _cmd in (quantize_cmd, inspect_cmd, bench_quantize_cmd, run_cmd, chat_cmd, bench_cmd, memory_cmd,
-             imatrix_cmd, eval_cmd):
+             imatrix_cmd, eval_cmd, serve_cmd):
     cli.add_command(_cmd)
 
 
