@@ -305,6 +305,8 @@ def test_offloaded_layers_follow_the_cpu_backend(q4km, arch, where):
 
 @pytest.mark.parametrize("arch,where", [
     ("llama3", "half"), ("gemma3", "half"),
+    # Phi-3: fused projections as row views, long rope factors and attn_factor (48 s interpreted)
+    pytest.param("phi3-long", "all", marks=pytest.mark.slow),
     pytest.param("gemma3", "all", marks=pytest.mark.slow),
     pytest.param("llama3", "all", marks=pytest.mark.slow),
     pytest.param("qwen2", "all", marks=pytest.mark.slow)])
@@ -327,6 +329,16 @@ def test_device_layers_equal_the_cpu_bit_for_bit(q4km, arch, where):
     assert np.array_equal(got, ref), f"{np.sum(got != ref)} of {got.size} prompt logits differ"
     assert tokens == ref_tokens
     assert np.array_equal(got_next, ref_next), f"{np.sum(got_next != ref_next)} logits differ"
+
+
+def test_attention_softcap_on_the_device_is_refused_in_one_line(q4km):
+    """Gemma 2's soft-capped attention has no device kernel yet: refused, not computed wrong."""
+    from ggforge.formats.errors import UnsupportedModelError
+
+    with pytest.raises(UnsupportedModelError, match=r"soft-capping .* not supported on the GPU yet; "
+                                                    r"run with --gpu-layers 0") as e:
+        load(q4km("gemma2"), gpu_layers=1, device=DEVICE)
+    assert "\n" not in str(e.value)
 
 
 def test_prompt_products_of_cpu_layers_run_on_the_device(q4km, monkeypatch):

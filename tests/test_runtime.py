@@ -10,7 +10,7 @@ from ggforge.runtime.generate import load as _load
 from ggforge.runtime.kv_cache import ContextFullError
 from ggforge.runtime.sampling import SamplerSettings
 
-ARCHS = ["llama2", "llama3", "smollm", "mistral", "qwen2", "qwen3", "gemma3"]
+ARCHS = ["llama2", "llama3", "smollm", "mistral", "qwen2", "qwen3", "gemma3", "gemma2", "phi3", "phi3-long"]
 TYPES = ["F32", "Q8_0", "Q4_K_M"]
 PROMPT = "Once upon a time, there was a tiny model that 42 people liked."
 GREEDY = SamplerSettings(temperature=0.0, repeat_last_n=0)
@@ -57,6 +57,12 @@ MEASURED = {
     ("qwen2", "F32"): (1.1e-6, 7.8e-7), ("qwen2", "Q8_0"): (7.1e-3, 8.7e-3), ("qwen2", "Q4_K_M"): (1.1e-2, 1.5e-2),
     ("qwen3", "F32"): (1.1e-6, 8.5e-7), ("qwen3", "Q8_0"): (9.6e-3, 1.1e-2), ("qwen3", "Q4_K_M"): (1.8e-7, 2.0e-7),
     ("gemma3", "F32"): (1.1e-4, 8.7e-5), ("gemma3", "Q8_0"): (1.1e-2, 1.0e-2), ("gemma3", "Q4_K_M"): (1.9e-7, 1.3e-2),
+    # 2026-12-08: Gemma 2 (soft-capped attention and logits), Phi-3 (fused projections), Phi-3
+    # longrope (long factors: the context is past the original 128 tokens)
+    ("gemma2", "F32"): (8.2e-5, 4.4e-5), ("gemma2", "Q8_0"): (7.2e-3, 7.5e-3), ("gemma2", "Q4_K_M"): (1.3e-2, 1.1e-2),
+    ("phi3", "F32"): (1.2e-6, 1.8e-6), ("phi3", "Q8_0"): (7.9e-8, 8.0e-8), ("phi3", "Q4_K_M"): (1.8e-7, 1.7e-7),
+    ("phi3-long", "F32"): (1.4e-6, 2.0e-6), ("phi3-long", "Q8_0"): (3.8e-4, 2.9e-3),
+    ("phi3-long", "Q4_K_M"): (2.8e-3, 3.0e-3),
 }
 
 
@@ -110,7 +116,7 @@ def test_tokenizer_ids_equal_llama_cpp(gguf_file):
     import llama_cpp
 
     texts = ["Hello  world\n\n  x", "naïve café 日本語 🦙", "def f(x):\n    return x**2  # 12345"]
-    for arch in ("llama2", "llama3", "qwen2", "gemma3"):
+    for arch in ("llama2", "llama3", "qwen2", "gemma3", "phi3"):
         path = gguf_file(arch, "Q8_0")
         llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
         with load(path) as m:
