@@ -74,20 +74,28 @@ def test_rope_is_the_numpy_expression(mode):
     np.testing.assert_array_equal(layers.apply_rope(x, cos, sin, mode), _rope_numpy(x, cos, sin, mode))
 
 
-@pytest.mark.parametrize("n_tok,n_kv,window", [(1, 1, 0), (1, 77, 0), (3, 40, 0), (2, 64, 16)])
-def test_decode_attention_matches_float64_and_numpy_path(n_tok, n_kv, window, monkeypatch):
+@pytest.mark.parametrize("n_tok,n_kv,window,softcap", [(1, 1, 0, 0.0), (1, 77, 0, 0.0), (3, 40, 0, 0.0),
+                                                  (2, 64, 16, 0.0), (3, 40, 0, 1.5), (2, 64, 16, 1.5)])
+def test_decode_attention_matches_float64_and_numpy_path(n_tok, n_kv, window, softcap, monkeypatch):
+    """The compiled kernel of a few queries against float64 and the numpy path, also with
+    Gemma 2's soft-cap (scores q.k -> softcap * tanh(q.k / softcap), then scaled)."""
     q = rng.standard_normal((n_tok, 4, 64)).astype(F32)
     k = rng.standard_normal((n_kv, 2, 64)).astype(F32)
     v = rng.standard_normal((n_kv, 2, 48)).astype(F32)
     pos = np.arange(n_kv - n_tok, n_kv)
-    got = layers.attention(q, k, v, pos, 0.125, window)
+    q = q * 4 if softcap else q      # scores of a few units: the cap bites
+    got = layers.attention(q, k, v, pos, 0.125, window, softcap=softcap)
     ref = np.empty((n_tok, 4, 48))
     for t in range(n_tok):
         allowed = (np.arange(n_kv) <= pos[t]) & ((pos[t] - np.arange(n_kv) < window) if window else True)
         for h in range(4):
-            s = k[:, h // 2].astype(np.float64) @ q[t, h] * 0.125
+            s = k[:, h // 2].astype(np.float64) @ q[t, h]
+            s = (np.tanh(s / softcap) * softcap if softcap else s) * 0.125
             p = np.where(allowed, np.exp(s - s[allowed].max()), 0.0)
             ref[t, h] = p / p.sum() @ v[:, h // 2]
     np.testing.assert_allclose(got, ref.reshape(n_tok, -1), rtol=0, atol=2e-6)
     monkeypatch.setattr(layers, "ATTEND_MAX_TOKENS", 0)       # the numpy path (prefill)
-    np.testing.assert_allclose(layers.attention(q, k, v, pos, 0.125, window), got, rtol=0, atol=2e-6)
+    np.testing.assert_allclose(layers.attention(q, k, v, pos, 0.125, window, softcap=softcap), got,
+                               rtol=0, atol=2e-6)
+    if softcap:
+        assert np.abs(layers.attention(q, k, v, pos, 0.125, window) - got).max() > 1e-3
