@@ -83,7 +83,7 @@ def load_config(model_dir: Path) -> dict[str, Any]:
 
 def _gguf_name(spec: ArchSpec, name_map: gguf.TensorNameMap, hf_name: str) -> str | None:
     """GGUF name of an HF tensor, None when llama.cpp's converter drops it."""
-    if hf_name.endswith(SKIP_SUFFIXES) or any(m in hf_name for m in SKIP_MARKERS):
+    if hf_name.endswith(SKIP_SUFFIXES) or any(m in hf_name for m in SKIP_MARKERS) or hf_name in spec.skip:
         return None
     name = hf_name.replace("language_model.", "")  # text model inside a multimodal checkpoint
     new = name_map.get_name(name, try_suffixes=(".weight", ".bias"))

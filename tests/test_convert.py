@@ -281,3 +281,17 @@ def test_unsupported_architecture_is_one_line_listing_the_supported(tmp_path):
     assert "\n" not in msg and "FalconForCausalLM" in msg
     for name in ("Gemma2ForCausalLM", "Phi3ForCausalLM", "Gemma3ForCausalLM", "LlamaForCausalLM"):
         assert name in msg
+
+
+def test_gemma2_lm_head_is_dropped(tiny_model, tmp_path):
+    """Gemma2Model.filter_tensors: a checkpoint's lm_head.weight (the tied embedding saved
+    twice) is not written; llama.cpp's Gemma 2 loader would refuse an output.weight."""
+    from safetensors.numpy import load_file
+
+    src = tiny_model("gemma2")
+    emb = load_file(src / "model.safetensors")["model.embed_tokens.weight"]
+    with_head = _rewrite_checkpoint(src, tmp_path / "h", lambda k: k, {"lm_head.weight": emb}, lambda c: c)
+    a = convert(src, "q8_0", tmp_path / "a.gguf").output
+    b = convert(with_head, "q8_0", tmp_path / "b.gguf").output
+    with GGUFFile.open(a) as ga, GGUFFile.open(b) as gb:
+        assert "output.weight" not in gb.tensors and list(ga.tensors) == list(gb.tensors)

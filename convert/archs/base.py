@@ -96,6 +96,7 @@ class ArchSpec:
     common_kvs: bool = True                # False: extra_kv writes every `{arch}.*` key itself
     #                                        (families whose set_gguf_parameters skips the base's)
     extra: Callable[["ArchSpec", HParams], Iterator[tuple[str, np.ndarray]]] | None = None
+    skip: tuple[str, ...] = ()             # HF tensor names the family's converter drops
     defaults: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -40,6 +40,7 @@ GEMMA2 = ArchSpec(
     hf_names=("Gemma2ForCausalLM",),
     arch=gguf.MODEL_ARCH.GEMMA2,
     norm_shift=1.0,  # Gemma2RMSNorm computes x * (1 + w)
+    skip=("lm_head.weight",),  # tied to the embedding; llama.cpp's loader takes no output.weight
     extra_kv=_gemma2_kv,
     common_kvs=False,
 )
