@@ -31,7 +31,9 @@ _LIBS: list = []
 def _libs():
     if not _LIBS:
         g = ggml_or_skip()
-        base = g.lib
+        # our own handle: argtypes set here must not clash with other tests' bindings of
+        # the same functions (ctypes keeps them per CDLL object)
+        base = ctypes.CDLL(str(g.lib_dir / "libggml-base.so"))
         cpu = ctypes.CDLL(str(g.lib_dir / "libggml-cpu.so"))
         base.ggml_init.argtypes = [_InitParams]
         base.ggml_init.restype = _P
