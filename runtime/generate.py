@@ -157,7 +157,7 @@ class LoadedModel:
                     yield pending[:hit]
                 return
             keep = max((len(s) - 1 for s in stop if s), default=0)
-            safe = len(pending) - _held(pending, stop, keep)
+            safe = len(pending) - held_back(pending, stop, keep)
             if safe > 0:
                 yield pending[:safe]
                 pending = pending[safe:]
@@ -203,7 +203,7 @@ def sampler_settings(settings: SamplerSettings | None = None, **fields) -> Sampl
     return dataclasses.replace(settings, **fields) if fields else settings
 
 
-def _held(text: str, stop: Sequence[str], keep: int) -> int:
+def held_back(text: str, stop: Sequence[str], keep: int) -> int:
     """How many trailing characters could begin a stop string."""
     for n in range(min(keep, len(text)), 0, -1):
         tail = text[-n:]

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from ggforge.runtime.generate import LoadedModel, _held
+from ggforge.runtime.generate import LoadedModel, held_back
 from ggforge.runtime.kv_cache import ContextFullError
 from ggforge.runtime.sampling import SamplerSettings
 
@@ -70,7 +70,7 @@ class TextStream:
         if hit >= 0:
             out, self.pending = self.pending[:hit], ""
             return out, True
-        safe = len(self.pending) - _held(self.pending, self.stop, self.keep)
+        safe = len(self.pending) - held_back(self.pending, self.stop, self.keep)
         out = self.pending[:max(safe, 0)]
         self.pending = self.pending[len(out):]
         return out, False
