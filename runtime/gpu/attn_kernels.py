@@ -33,10 +33,10 @@ _FLOOR = tl.constexpr(-1e30)  # a finite "no score yet": exp(_FLOOR - m) is 0, n
 
 
 @triton.jit
-def _attn_split(q, kc, vc, pc, qpos_p, pm, pl, pacc, scale, window, m, n_head_kv, g,
+def _attn_split(q, kc, vc, pc, qpos_p, pm, pl, pacc, scale, cap, window, m, n_head_kv, g,
                 CPS: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, G: tl.constexpr,
                 DP: tl.constexpr, DVP: tl.constexpr, BN: tl.constexpr, K_F16: tl.constexpr,
-                DOT: tl.constexpr = False):
+                DOT: tl.constexpr = False, SOFTCAP: tl.constexpr = False):
     pdl.start()
     h = tl.program_id(0)
     s = tl.program_id(1)
@@ -64,9 +64,14 @@ def _attn_split(q, kc, vc, pc, qpos_p, pm, pl, pacc, scale, window, m, n_head_kv
         cp = tl.load(pc + cl, mask=valid, other=-1)
         ok = valid & (cp >= 0) & (cp <= qpos) & ((window == 0) | (qpos - cp < window))
         if DOT:
-            sc = tl.dot(qt, tl.trans(kt)) * scale                               # (G, BN)
+            sc = tl.dot(qt, tl.trans(kt))                                       # (G, BN)
         else:
-            sc = tl.sum(qt[:, None, :] * kt[None, :, :], axis=2) * scale        # (G, BN)
+            sc = tl.sum(qt[:, None, :] * kt[None, :, :], axis=2)                # (G, BN)
+        if SOFTCAP:   # Gemma 2: cap * tanh(s / cap), tanh from exp in float64 (as the CPU's)
+            t = sc / cap
+            e = tl.exp(-2.0 * tl.abs(t))
+            sc = tl.where(t < 0, -1.0, 1.0) * ((1.0 - e) / (1.0 + e)) * cap
+        sc = sc * scale
         sc = tl.where(ok[None, :], sc, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(sc, axis=1))
         alpha = tl.exp(m_i - m_new)
@@ -130,11 +135,13 @@ COMBINE_SPLITS = 16   # splits a combine program reads at a time (SC)
 
 
 def decode_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, pc: torch.Tensor,
-                     qpos: torch.Tensor, scale: float, window: int, m: int, quant: bool = False):
+                     qpos: torch.Tensor, scale: float, window: int, m: int, quant: bool = False,
+                     softcap: float = 0.0):
     """Attention of one token: q (1, n_head, d) against the first m cells of the cache
     (kc (cells, n_head_kv, d), vc (cells, n_head_kv, dv), pc (cells,) positions, -1 empty);
     qpos (1,) the token's position. Returns (1, n_head * dv), or with ``quant`` that
-    rounded to Q8_0: (quants int8, scales float32) (dv a multiple of 32)."""
+    rounded to Q8_0: (quants int8, scales float32) (dv a multiple of 32). ``softcap``: the
+    scores q.k become softcap * tanh(q.k / softcap) before the scale (Gemma 2)."""
     n_head, d = q.shape[1], q.shape[2]
     n_head_kv, dv = vc.shape[1], vc.shape[2]
     g = n_head // n_head_kv
@@ -155,9 +162,10 @@ def decode_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, pc: to
     # the scale as the CPU takes it, float32 (as backend._attention): the device rounds a
     # float argument so, Triton's interpreter would keep it in double
     _attn_split[(n_head_kv, n_split)](q.contiguous(), kc, vc, pc, qpos, pm, pl, pacc,
-                                      float(np.float32(scale)),
+                                      float(np.float32(scale)), float(np.float32(softcap or 1.0)),
                                       int(window), m, n_head_kv, g, CPS=per, D=d, DV=dv, G=G,
                                       DP=DP, DVP=DVP, BN=bn, K_F16=kc.dtype == torch.float16, DOT=dot,
+                                      SOFTCAP=bool(softcap),
                                       num_warps=WARPS, enable_fp_fusion=False, **pdl.launch())
     out = torch.empty((1, n_head * dv), dtype=torch.float32, device=dev)
     xq = torch.empty((1, n_head * dv), dtype=torch.int8, device=dev) if quant else out

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ggforge.formats.errors import UnsupportedModelError
 from ggforge.runtime.gpu import fused_kernels as FK
 from ggforge.runtime.gpu import ops
 from ggforge.runtime.gpu.attn_kernels import decode_attention
@@ -42,10 +41,12 @@ def _rms_norm(x: torch.Tensor, w: torch.Tensor | None, eps: float) -> torch.Tens
     return y if w is None else y * w
 
 
-def _attention(q, keys, values, kv_pos, q_pos, scale: float, window: int) -> torch.Tensor:
+def _attention(q, keys, values, kv_pos, q_pos, scale: float, window: int,
+               softcap: float = 0.0) -> torch.Tensor:
     """Prompt attention, as the CPU backend (runtime.layers.attention): up to
     ATTEND_MAX_TOKENS queries in float64 (rounded once), more in float32. From an F16 cache
-    the queries rounded to F16 before K.q, the softmax weights before the product with V."""
+    the queries rounded to F16 before K.q, the softmax weights before the product with V.
+    ``softcap`` (Gemma 2): K.q -> softcap * tanh(K.q / softcap) before the scale."""
     if keys.dtype == torch.float16:
         q, keys = q.half().float(), keys.float()
     v_f16 = values.dtype == torch.float16
@@ -59,12 +60,19 @@ def _attention(q, keys, values, kv_pos, q_pos, scale: float, window: int) -> tor
     qh = q.reshape(n, n_head_kv, g, -1).permute(1, 2, 0, 3)          # (kv_h, g, n, d)
     kh = keys.permute(1, 2, 0)[:, None]                               # (kv_h, 1, d, n_kv)
     if not v_f16 and n <= ATTEND_MAX_TOKENS:   # the CPU's attention of a few tokens: float64
-        s = torch.matmul(qh.double(), kh.double()) * float(np.float32(scale))
+        s = torch.matmul(qh.double(), kh.double())
+        if softcap:
+            cap = float(np.float32(softcap))
+            s = torch.tanh(s / cap) * cap
+        s = s * float(np.float32(scale))
         s = s.masked_fill(masked, float("-inf"))
         e = torch.exp(s - s.amax(-1, keepdim=True))
         out = torch.matmul(e, values.double().permute(1, 0, 2)[:, None]) / e.sum(-1, keepdim=True)
         return out.float().permute(2, 0, 1, 3).reshape(n, n_head * dv)
-    scores = torch.matmul(qh, kh) * scale
+    scores = torch.matmul(qh, kh)
+    if softcap:
+        scores = torch.tanh(scores * float(np.float32(1.0) / np.float32(softcap))) * float(np.float32(softcap))
+    scores = scores * scale
     scores = scores.masked_fill(masked, float("-inf"))
     scores = scores - scores.amax(-1, keepdim=True)
     p = torch.exp(scores)
@@ -159,8 +167,9 @@ class GpuOps:
         window = cache.windows[i]
         m = cache.sizes[i] if window else min(cache.sizes[i], step.n_attn)
         if step.kernel:   # decode: two Triton launches reading the cache in place
-            return decode_attention(q, kc, vc, pc, step.pos, s.attn_scale, window, m, quant=self.q8)
-        return _attention(q, kc[:m], vc[:m], pc[:m], step.pos, s.attn_scale, window)
+            return decode_attention(q, kc, vc, pc, step.pos, s.attn_scale, window, m, quant=self.q8,
+                                    softcap=s.softcap)
+        return _attention(q, kc[:m], vc[:m], pc[:m], step.pos, s.attn_scale, window, s.softcap)
 
     def ffn_in(self, h, L: DeviceLayer, act: str):
         gu = self._group(h, L.gate_up)
@@ -217,10 +226,6 @@ class GpuLayers:
         self.device = torch.device(device)
         self.model, self.first, self.head = model, first, head
         c = self.config = model.config
-        if c.attn_softcap:   # what the device kernels do not compute yet: refuse, not guess
-            raise UnsupportedModelError(
-                f"{model.gguf.path}: attention soft-capping ({c.arch}.attn_logit_softcapping) "
-                "is not supported on the GPU yet; run with --gpu-layers 0")
         dev = self.device
 
         def vec(a):
