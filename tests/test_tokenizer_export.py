@@ -500,3 +500,57 @@ def test_special_id_past_the_vocabulary_is_dropped(exported, tmp_path):
     (folder / "config.json").write_text(json.dumps({"bos_token_id": 10**6}))
     md = {kv.key: kv for kv in export_tokenizer(folder, "qwen2")}
     assert T.BOS_ID not in md and md[T.EOS_ID].value == e.hf.eos_token_id
+
+
+def test_fast_piece_reader_equals_the_general_one(tmp_path):
+    """read_pieces' tight loop (the layout SentencePiece writes) and the general protobuf
+    reader give the same pieces, for usual pieces and for layouts only the general one
+    takes: fields reordered or repeated, a multi-byte text length, a type of two bytes, an
+    unknown field, other ModelProto fields between the pieces."""
+    import struct
+
+    from ggforge.convert.tokenizer.spm_proto import read_pieces, read_pieces_general
+
+    def varint(n):
+        out = b""
+        while True:
+            b, n = n & 0x7F, n >> 7
+            if not n:
+                return out + bytes([b])
+            out += bytes([b | 0x80])
+
+    def field(key, payload):
+        return bytes([key]) + varint(len(payload)) + payload
+
+    pieces = [
+        field(0x0A, b"\xe2\x96\x81hello") + b"\x15" + struct.pack("<f", -1.5) + b"\x18\x01",
+        b"\x15" + struct.pack("<f", 2.0) + field(0x0A, "é" .encode()),              # score first
+        field(0x0A, b"x" * 300) + b"\x18\x06",                                       # 2-byte length
+        field(0x0A, b"a") + b"\x18\x83\x00",                                         # 2-byte type (3)
+        field(0x0A, b"b") + b"\x20\x07",                                             # unknown field 4
+        field(0x0A, b"c") + field(0x0A, b"d"),                                       # text twice
+    ]
+    data = b"".join(field(0x0A, p) if i != 3 else field(0x12, b"\x08\x01") + field(0x0A, p)
+                    for i, p in enumerate(pieces))
+    path = tmp_path / "odd.model"
+    path.write_bytes(data)
+    assert read_pieces(path) == read_pieces_general(path)
+    assert [p.text for p in read_pieces(path)][:2] == ["\u2581hello", "é"]
+
+
+@pytest.mark.parametrize("data,what", [
+    (b"\x0a\x05\x0a\x03ab", "past the end"),                 # a piece's text cut short
+    (b"\x0a\x09\x0a\x01a\x15\x00\x00", "past the end"),      # its score cut short
+    (b"\x0a\x03\x0a\x01\xff", "not valid UTF-8"),
+    (b"\x0b\x00", "wire type"),
+    (b"\x0a\x80", "varint"),
+])
+def test_malformed_tokenizer_model_is_one_error_naming_the_file(tmp_path, data, what):
+    from ggforge.convert.tokenizer.spm_proto import read_pieces
+    from ggforge.formats.errors import FormatError
+
+    path = tmp_path / "tokenizer.model"
+    path.write_bytes(data)
+    with pytest.raises(FormatError, match=what) as e:
+        read_pieces(path)
+    assert str(path) in str(e.value)
