@@ -266,3 +266,20 @@ def test_memory_json_on_a_good_file(q8_file):
     assert r.exit_code == 0, r.output
     rep = json.loads(r.output.strip().splitlines()[-1])
     assert rep["growth"] > 0 and rep["ratio"] > 0
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(model, tmp_path):
+    """quantize --dry-run: each tensor's type and size as the conversion writes them."""
+    before = sorted(p.name for p in model.iterdir())
+    r = _run(["quantize", str(model), "q4", "--dry-run"])
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in model.iterdir()) == before
+    planned = {}
+    for line in r.output.splitlines():
+        cells = line.split()
+        if len(cells) >= 4 and cells[0].startswith(("blk.", "token_embd", "output")):
+            planned[cells[0]] = cells[2]
+    out = _run(["quantize", str(model), "q4", "-o", str(tmp_path / "q4.gguf"), "--no-progress"])
+    assert out.exit_code == 0, out.output
+    with GGUFFile.open(tmp_path / "q4.gguf") as g:
+        assert planned == {n: t.type_name for n, t in g.tensors.items()}

@@ -108,13 +108,14 @@ def cli(verbose: bool) -> None:
 @click.option("--report", is_flag=True,
               help="Measure the file against the source (KL divergence, top-1 agreement on a short "
                    "built-in text) and record it in the file's quality card.")
+@click.option("--dry-run", is_flag=True, help="Print the plan (each tensor's type and size) and write nothing.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @one_line_errors
 def quantize_cmd(source: str, type_: str, output: str | None, force: bool, metas: tuple[str, ...],
                  output_tensor_type: str | None, token_embedding_type: str | None,
                  tensor_types: tuple[str, ...], pure: bool, imatrix_path: str | None,
                  allow_requantize: bool, calibrate_text: str | None, calibrate_ctx: int,
-                 calibrate_chunks: int | None, report: bool, no_progress: bool) -> None:
+                 calibrate_chunks: int | None, report: bool, dry_run: bool, no_progress: bool) -> None:
     """Convert SOURCE (a .safetensors file, a model folder, a sharded index, or a GGUF) to TYPE.
 
     TYPE (case-insensitive): F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q5_0 Q5_1 Q2_K Q3_K_S Q3_K_M Q3_K_L
@@ -135,6 +136,9 @@ def quantize_cmd(source: str, type_: str, output: str | None, force: bool, metas
                          token_embedding_type=_tensor_type(token_embedding_type),
                          tensor_types=[_pattern_type(p) for p in tensor_types], pure=pure,
                          has_imatrix=imatrix_path is not None, allow_requantize=allow_requantize)
+    if dry_run:
+        _print_conversion_plan(source, type_, overrides, options)
+        return
     imatrix, imatrix_info = None, None
     if calibrate_text is not None:
         imatrix, imatrix_info = _calibrate(source, calibrate_text or None, calibrate_ctx,
@@ -179,6 +183,31 @@ def quantize_cmd(source: str, type_: str, output: str | None, force: bool, metas
         from ggforge.tools.quality_view import render_report
 
         click.echo("\n" + render_report(result.report))
+
+
+def _print_conversion_plan(source: str, type_: str, overrides, options) -> None:
+    """quantize --dry-run: what each tensor would become, and the totals by type."""
+    from ggforge.convert.mixes import parse_file_type
+    from ggforge.convert.plan import plan_conversion
+
+    plan = plan_conversion(source, parse_file_type(type_), list(overrides), options)
+    try:
+        rows, by_type = [], {}
+        for t in plan.tensors:
+            b = t.qtype.nbytes(t.shape)
+            rows.append([_printable(t.name), "x".join(map(str, t.shape)), t.qtype.name, human_bytes(b)])
+            n, p, tb = by_type.get(t.qtype.name, (0, 0, 0))
+            by_type[t.qtype.name] = (n + 1, p + t.n_elements, tb + b)
+        click.echo(f"{plan.model_name} -> {plan.file_type.name} (dry run: nothing written)")
+        click.echo(format_table(["tensor", "shape", "type", "size"], rows))
+        total = sum(b for _, _, b in by_type.values())
+        click.echo("\n" + format_table(["type", "tensors", "params", "size", "bits/weight"],
+                                        [[k, n, p, human_bytes(b), round(8 * b / max(p, 1), 2)]
+                                         for k, (n, p, b) in sorted(by_type.items())]))
+        click.echo(f"\n{plan.n_params:,} params, {human_bytes(total)} of tensors, "
+                   f"{8 * total / max(plan.n_params, 1):.2f} bits/weight")
+    finally:
+        plan.close()
 
 
 def _read_imatrix(path: str):
