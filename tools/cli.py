@@ -16,7 +16,7 @@ from gguf import GGUFValueType as V
 from ggforge.formats.gguf_writer import KV
 from ggforge.tools.errors import one_line_errors
 from ggforge.tools.run_cli import bench_cmd, cache_types, chat_cmd, memory_cmd, run_cmd
-from ggforge.tools.table import format_table, human_bytes
+from ggforge.tools.table import format_table, human_bytes, printable
 
 def parse_meta(text: str) -> KV:
     """`KEY=VALUE` or `KEY=TYPE:VALUE` (TYPE: str, int, uint, float, bool) -> a typed entry."""
@@ -126,6 +126,7 @@ def quantize_cmd(source: str, type_: str, output: str | None, force: bool, metas
 
     from ggforge.convert.mixes import MixOptions
     from ggforge.convert.pipeline import convert
+    from ggforge.tools import quantize_steps as steps
 
     overrides = [parse_meta(m) for m in metas]
     if calibrate_text is not None and imatrix_path is not None:
@@ -137,14 +138,14 @@ def quantize_cmd(source: str, type_: str, output: str | None, force: bool, metas
                          tensor_types=[_pattern_type(p) for p in tensor_types], pure=pure,
                          has_imatrix=imatrix_path is not None, allow_requantize=allow_requantize)
     if dry_run:
-        _print_conversion_plan(source, type_, overrides, options)
+        steps.print_conversion_plan(source, type_, overrides, options)
         return
     imatrix, imatrix_info = None, None
     if calibrate_text is not None:
-        imatrix, imatrix_info = _calibrate(source, calibrate_text or None, calibrate_ctx,
-                                           calibrate_chunks, output, no_progress)
+        imatrix, imatrix_info = steps.calibrate(source, calibrate_text or None, calibrate_ctx,
+                                                calibrate_chunks, output, no_progress)
     elif imatrix_path is not None:
-        imatrix, imatrix_info = _read_imatrix(imatrix_path)
+        imatrix, imatrix_info = steps.read_imatrix(imatrix_path)
     bar: list[Any] = []
 
     current: list[Any] = [None]
@@ -169,7 +170,7 @@ def quantize_cmd(source: str, type_: str, output: str | None, force: bool, metas
     try:
         result = convert(source, type_, output, force=force, overrides=overrides, options=options,
                          imatrix=imatrix, progress=progress, on_plan=on_plan, imatrix_info=imatrix_info,
-                         report=report, report_progress=_report_bar(no_progress) if report else None)
+                         report=report, report_progress=steps.report_bar(no_progress) if report else None)
     finally:
         for b in bar:
             b.close()
@@ -183,95 +184,6 @@ def quantize_cmd(source: str, type_: str, output: str | None, force: bool, metas
         from ggforge.tools.quality_view import render_report
 
         click.echo("\n" + render_report(result.report))
-
-
-def _print_conversion_plan(source: str, type_: str, overrides, options) -> None:
-    """quantize --dry-run: what each tensor would become, and the totals by type."""
-    from ggforge.convert.mixes import parse_file_type
-    from ggforge.convert.plan import plan_conversion
-
-    plan = plan_conversion(source, parse_file_type(type_), list(overrides), options)
-    try:
-        rows, by_type = [], {}
-        for t in plan.tensors:
-            b = t.qtype.nbytes(t.shape)
-            rows.append([_printable(t.name), "x".join(map(str, t.shape)), t.qtype.name, human_bytes(b)])
-            n, p, tb = by_type.get(t.qtype.name, (0, 0, 0))
-            by_type[t.qtype.name] = (n + 1, p + t.n_elements, tb + b)
-        click.echo(f"{plan.model_name} -> {plan.file_type.name} (dry run: nothing written)")
-        click.echo(format_table(["tensor", "shape", "type", "size"], rows))
-        total = sum(b for _, _, b in by_type.values())
-        click.echo("\n" + format_table(["type", "tensors", "params", "size", "bits/weight"],
-                                        [[k, n, p, human_bytes(b), round(8 * b / max(p, 1), 2)]
-                                         for k, (n, p, b) in sorted(by_type.items())]))
-        click.echo(f"\n{plan.n_params:,} params, {human_bytes(total)} of tensors, "
-                   f"{8 * total / max(plan.n_params, 1):.2f} bits/weight")
-    finally:
-        plan.close()
-
-
-def _read_imatrix(path: str):
-    """An importance matrix file's values and what the quality card says of it."""
-    import hashlib
-    from pathlib import Path
-
-    from ggforge.convert.card import ImatrixInfo
-    from ggforge.formats.imatrix import imatrix_meta, load_imatrix
-
-    values = load_imatrix(path)
-    datasets, chunks, entries = imatrix_meta(path)
-    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
-    return values, ImatrixInfo(Path(path), digest, datasets, chunks, entries)
-
-
-def _calibrate(source: str, text: str | None, n_ctx: int, n_chunks: int | None, output: str | None,
-               no_progress: bool):
-    """quantize --calibrate: the importance matrix of the source's own weights."""
-    from pathlib import Path
-
-    from tqdm import tqdm
-
-    from ggforge.convert.calibrate import calibrate
-    from ggforge.convert.card import ImatrixInfo
-
-    bars: dict[str, Any] = {}
-
-    def progress(stage: str, done: int, total: int) -> None:
-        bar = bars.get(stage)
-        if bar is None:
-            desc = "calibration: converting" if stage == "convert" else "calibration: imatrix"
-            bar = bars[stage] = tqdm(total=total, desc=desc, disable=no_progress, file=sys.stderr,
-                                     unit="param" if stage == "convert" else "chunk", unit_scale=True,
-                                     leave=False)
-        bar.update(done - bar.n)
-
-    src = Path(source)
-    workdir = Path(output).parent if output else (src if src.is_dir() else src.parent)
-    try:
-        cal = calibrate(source, text, n_ctx=n_ctx, n_chunks=n_chunks, workdir=workdir, progress=progress)
-    finally:
-        for bar in bars.values():
-            bar.close()
-    click.echo(f"calibrated on {cal.dataset}: {cal.n_chunks} chunks of {cal.n_ctx} tokens "
-               f"({cal.precision} weights, source perplexity {cal.ppl:.4f})", err=True)
-    return cal.imatrix, ImatrixInfo(None, None, (cal.dataset,), cal.n_chunks, len(cal.imatrix),
-                                    dataset_sha256=cal.sha256)
-
-
-def _report_bar(no_progress: bool):
-    """A progress callback for the report's evaluation (chunks done of total)."""
-    from tqdm import tqdm
-
-    bar: list[Any] = []
-
-    def progress(done: int, total: int, ppl: float) -> None:
-        if not bar:
-            bar.append(tqdm(total=total, unit="chunk", desc="quality report", disable=no_progress,
-                            file=sys.stderr, leave=False))
-        bar[0].update(done - bar[0].n)
-        if done == total:
-            bar[0].close()
-    return progress
 
 
 @click.command("inspect")
@@ -310,7 +222,7 @@ def inspect_cmd(path: str, as_json: bool, show_plan: bool, ctx_size: int | None,
             click.echo("\n" + render_card(card))
     click.echo("\ntensors")
     click.echo(format_table(["name", "type", "shape", "bytes"],
-                            [[_printable(t["name"]), t["type"], "x".join(map(str, t["shape"])) or "scalar", t["bytes"]]
+                            [[printable(t["name"]), t["type"], "x".join(map(str, t["shape"])) or "scalar", t["bytes"]]
                              for t in s["tensors"]]))
     click.echo("\ntotals by type")
     rows = [[k, d["tensors"], d["params"], human_bytes(d["bytes"]), round(8 * d["bytes"] / max(d["params"], 1), 2)]
@@ -350,16 +262,8 @@ def _short(v: Any, width: int = 100) -> str:
         text = f"[{v['array_length']:,} items] " + json.dumps(v["first"], ensure_ascii=False)[:-1] + ", ...]"
     else:
         text = json.dumps(v, ensure_ascii=False) if not isinstance(v, str) else v
-    text = _printable(text)
+    text = printable(text)
     return text if len(text) <= width else text[:width - 3] + "..."
-
-
-def _printable(text: str) -> str:
-    """Control characters (a hostile file's ANSI escapes, say) shown escaped, never sent
-    to the terminal."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 @click.command("bench-quantize")

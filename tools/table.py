@@ -26,3 +26,11 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
     sep = "  ".join("-" * w for w in widths)
     return "\n".join([line(headers), sep] + [line(r) for r in cells])
+
+
+def printable(text: str) -> str:
+    """Control characters (a hostile file's ANSI escapes, say) shown escaped, never sent
+    to the terminal."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
