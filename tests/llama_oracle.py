@@ -69,3 +69,4 @@ def greedy(path: Path, token_ids: list[int], n: int, defaults: bool = False) -> 
         return out
     finally:
         llm.close()
+

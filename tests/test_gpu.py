@@ -21,7 +21,7 @@ from ggforge.formats.quants import get_type, quantize
 from ggforge.runtime import placement
 from ggforge.runtime.config import ModelConfig
 from ggforge.runtime.decoder import layer_windows
-from ggforge.runtime.generate import load as _load
+from runtime_settings import load_at_oracle_settings as load
 from ggforge.runtime.kernels import QWeight
 from ggforge.runtime.kernels import get_rows as cpu_get_rows
 from ggforge.runtime.kernels import matmul as cpu_matmul
@@ -37,15 +37,6 @@ CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 GREEDY = SamplerSettings(temperature=0.0, repeat_last_n=0)
 
-
-def load(path, **kw):
-    """ggforge.load with an F32 cache and no flash attention unless told: the configuration
-    these tests compare (llama.cpp's logits with -ctk/-ctv f32 -fa off; the CPU and GPU
-    backends bit for bit). Its defaults (F16, flash attention) are tests/test_flash_attn.py's."""
-    kw.setdefault("cache_type_k", "f32")
-    kw.setdefault("cache_type_v", "f32")
-    kw.setdefault("flash_attn", "off")
-    return _load(path, **kw)
 gpu_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 
 TYPES = [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.IQ4_NL,

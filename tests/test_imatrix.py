@@ -43,12 +43,7 @@ def _run(args):
     return CliRunner().invoke(imatrix_cmd, args, catch_exceptions=False)
 
 
-def _one_line_error(result, *needles):
-    assert result.exit_code != 0
-    lines = [ln for ln in result.output.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
+from test_cli import _one_line_error  # noqa: E402  (the CLI's one-line error check)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import pytest
 
 import llama_oracle
 from ggforge.convert.pipeline import convert
-from ggforge.runtime.generate import load as _load
+from runtime_settings import load_at_oracle_settings as load
 from ggforge.runtime.kv_cache import ContextFullError
 from ggforge.runtime.sampling import SamplerSettings
 
@@ -15,15 +15,6 @@ TYPES = ["F32", "Q8_0", "Q4_K_M"]
 PROMPT = "Once upon a time, there was a tiny model that 42 people liked."
 GREEDY = SamplerSettings(temperature=0.0, repeat_last_n=0)
 
-
-def load(path, **kw):
-    """ggforge.load with an F32 cache and no flash attention unless told: the configuration
-    these tests compare (llama.cpp's logits with -ctk/-ctv f32 -fa off; the CPU and GPU
-    backends bit for bit). Its defaults (F16, flash attention) are tests/test_flash_attn.py's."""
-    kw.setdefault("cache_type_k", "f32")
-    kw.setdefault("cache_type_v", "f32")
-    kw.setdefault("flash_attn", "off")
-    return _load(path, **kw)
 
 
 @pytest.fixture(scope="module")
