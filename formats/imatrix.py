@@ -21,22 +21,29 @@ _MAX_NAME = 1 << 16
 
 def load_imatrix(path: str | Path) -> dict[str, np.ndarray]:
     """Tensor name -> float32 importance per input column (all experts concatenated)."""
+    return load_imatrix_with_meta(path)[0]
+
+
+def load_imatrix_with_meta(path: str | Path) -> tuple[dict[str, np.ndarray], tuple[str, ...], int]:
+    """load_imatrix's values, and the file's datasets and chunk count as llama-quantize
+    reads them (the legacy format: the chunk count and one dataset name after the entries,
+    when present; 0 and none when not), from one read of the file."""
     path = Path(path)
     try:
         with open(path, "rb") as f:
             magic = f.read(4)
     except OSError as e:
         raise FormatError(f"{path}: cannot read imatrix file: {e.strerror}") from None
-    data = _load_gguf(path) if magic == b"GGUF" else _load_legacy(path)
+    data, datasets, chunks = _load_gguf(path) if magic == b"GGUF" else _load_legacy(path)
     if not data:
         raise FormatError(f"{path}: the imatrix file holds no entries")
     for name, v in data.items():
         if not np.all(np.isfinite(v)):
             raise FormatError(f"{path}: imatrix entry {name!r} holds NaN or Inf")
-    return data
+    return data, datasets, chunks
 
 
-def _load_gguf(path: Path) -> dict[str, np.ndarray]:
+def _load_gguf(path: Path) -> tuple[dict[str, np.ndarray], tuple[str, ...], int]:
     with GGUFFile.open(path) as g:
         for key in ("imatrix.datasets", "imatrix.chunk_count", "imatrix.chunk_size"):
             if key not in g.metadata:
@@ -58,34 +65,12 @@ def _load_gguf(path: Path) -> dict[str, np.ndarray]:
             per = sums.reshape(counts.size, -1)
             c = counts.astype(np.float32)[:, None]
             out[name] = np.where(c > 0, per / np.where(c > 0, c, 1), np.float32(1)).astype(np.float32).reshape(-1)
-        return out
+        ds = g.metadata["imatrix.datasets"]
+        datasets = tuple(map(str, ds)) if isinstance(ds, (list, tuple)) else (str(ds),)
+        return out, datasets, int(g.metadata["imatrix.chunk_count"])
 
 
-def imatrix_meta(path: str | Path) -> tuple[tuple[str, ...], int, int]:
-    """(datasets, chunk count, entry count) of an imatrix file, as llama-quantize reads
-    them (the legacy format: the chunk count and one dataset name after the entries, when
-    present; 0 and none when not)."""
-    path = Path(path)
-    data = load_imatrix(path)
-    with open(path, "rb") as f:
-        gguf_file = f.read(4) == b"GGUF"
-    if gguf_file:
-        with GGUFFile.open(path) as g:
-            ds = g.metadata["imatrix.datasets"]
-            return (tuple(ds) if isinstance(ds, (list, tuple)) else (str(ds),),
-                    int(g.metadata["imatrix.chunk_count"]), len(data))
-    _, tail = _load_legacy(path, with_tail=True)
-    chunks, datasets = 0, ()
-    if len(tail) >= 4:
-        (chunks,) = struct.unpack("<i", tail[:4])
-        if len(tail) >= 8:
-            (n,) = struct.unpack("<i", tail[4:8])
-            if 0 < n <= len(tail) - 8:
-                datasets = (tail[8:8 + n].decode("utf-8", "replace"),)
-    return datasets, max(chunks, 0), len(data)
-
-
-def _load_legacy(path: Path, with_tail: bool = False):
+def _load_legacy(path: Path) -> tuple[dict[str, np.ndarray], tuple[str, ...], int]:
     raw = path.read_bytes()
     pos = 0
 
@@ -113,7 +98,14 @@ def _load_legacy(path: Path, with_tail: bool = False):
             raise FormatError(f"{path}: entry {name!r} has {nval} values")
         sums = np.frombuffer(take(4 * nval, f"entry {name!r} values"), dtype="<f4").astype(np.float32)
         out[name] = sums / np.float32(ncall) if ncall > 0 else sums
-    return (out, raw[pos:]) if with_tail else out
+    tail, chunks, datasets = raw[pos:], 0, ()
+    if len(tail) >= 4:
+        (chunks,) = struct.unpack("<i", tail[:4])
+        if len(tail) >= 8:
+            (n,) = struct.unpack("<i", tail[4:8])
+            if 0 < n <= len(tail) - 8:
+                datasets = (tail[8:8 + n].decode("utf-8", "replace"),)
+    return out, datasets, max(chunks, 0)
 
 
 def imatrix_for(imatrix: dict[str, np.ndarray] | None, name: str, n_per_row: int,
@@ -128,4 +120,4 @@ def imatrix_for(imatrix: dict[str, np.ndarray] | None, name: str, n_per_row: int
     return v
 
 
-__all__ = ["load_imatrix", "imatrix_for", "imatrix_meta"]
+__all__ = ["load_imatrix", "load_imatrix_with_meta", "imatrix_for"]

@@ -42,12 +42,11 @@ def read_imatrix(path: str):
     from pathlib import Path
 
     from ggforge.convert.card import ImatrixInfo
-    from ggforge.formats.imatrix import imatrix_meta, load_imatrix
+    from ggforge.formats.imatrix import load_imatrix_with_meta
 
-    values = load_imatrix(path)
-    datasets, chunks, entries = imatrix_meta(path)
+    values, datasets, chunks = load_imatrix_with_meta(path)
     digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
-    return values, ImatrixInfo(Path(path), digest, datasets, chunks, entries)
+    return values, ImatrixInfo(Path(path), digest, datasets, chunks, len(values))
 
 
 def calibrate(source: str, text: str | None, n_ctx: int, n_chunks: int | None, output: str | None,
