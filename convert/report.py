@@ -63,19 +63,6 @@ def text_label(path: Path = REPORT_TEXT) -> str:
     return f"{path.name} sha256:{digest} ctx {REPORT_CTX} chunks<={REPORT_CHUNKS}"
 
 
-def _reference_type(source: Path) -> str:
-    """The float type that holds the source exactly: its own if all its tensors share one."""
-    from ggforge.convert.plan import plan_conversion
-    from ggforge.convert.mixes import parse_file_type
-
-    plan = plan_conversion(source, parse_file_type("F32"))
-    try:
-        kinds = {t.source_type for t in plan.tensors if len(t.shape) > 1}
-    finally:
-        plan.close()
-    return kinds.pop() if kinds in ({"BF16"}, {"F16"}) else "F32"
-
-
 def quality_report(output: Path, source: Path, *, errors: TensorErrors | None = None,
                    kld: bool = True, text: Path = REPORT_TEXT, progress=None) -> QualityReport:
     """The report of ``output`` (a GGUF just written) made from ``source`` (what convert()
@@ -83,6 +70,7 @@ def quality_report(output: Path, source: Path, *, errors: TensorErrors | None = 
     rep = QualityReport(text_label(text), tensors=errors.rows() if errors is not None else [])
     if not kld:
         return rep
+    from ggforge.convert.calibrate import source_precision
     from ggforge.convert.pipeline import convert
     from ggforge.runtime.evaluate import evaluate, perplexity_tokens
     from ggforge.runtime.generate import load
@@ -93,7 +81,7 @@ def quality_report(output: Path, source: Path, *, errors: TensorErrors | None = 
         if source.suffix == ".gguf":
             ref_path = source      # a requantization: the file it was made from
         else:
-            ref_path = convert(source, _reference_type(source), Path(tmp) / "reference.gguf").output
+            ref_path = convert(source, source_precision(source), Path(tmp) / "reference.gguf").output
         with load(output, n_ctx=REPORT_CTX) as m, load(ref_path, n_ctx=REPORT_CTX) as ref:
             tokens = perplexity_tokens(m, text.read_bytes())
             res = evaluate(m, tokens, REPORT_CTX, ref=ref, n_chunks=REPORT_CHUNKS, source=str(text),

@@ -14,6 +14,8 @@ from functools import lru_cache
 import numpy as np
 
 from ggforge.runtime.kernels import elementwise as ew
+from ggforge.runtime.kernels import flash_attn as fa
+from ggforge.runtime.kernels.threads import run_rows
 
 F32 = np.float32
 # Up to this many query tokens attention runs in the compiled kernel; beyond, numpy's
@@ -149,9 +151,6 @@ def flash_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarr
     them (float32 holding F16 values is taken too). ``softcap`` (Gemma 2): the scores
     become softcap * tanh(score / softcap), as ggml folds it: the scale divided by softcap,
     then softcap * tanhf(s * scale)."""
-    from ggforge.runtime.kernels import flash_attn as fa
-    from ggforge.runtime.kernels.threads import run_rows
-
     if softcap:
         scale = F32(scale) / F32(softcap)
 
@@ -168,23 +167,13 @@ def flash_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarr
         pos = np.ascontiguousarray(q_pos[u0:u1], np.int64)
         if u1 - u0 >= fa.TILE_Q:
             args = (np.ascontiguousarray(q[u0:u1]), k, v, pos, F32(scale), int(window), n_view,
-                    _LANES[0] or _lanes(), F32(softcap), out[u0:u1])
+                    fa.simd_lanes(), F32(softcap), out[u0:u1])
             run_rows(fa.attend_tiles, args, n_head, work * (u1 - u0))
         else:
             args = (np.ascontiguousarray(q16[u0:u1]), k, v, pos, F32(scale), int(window), n_view,
-                    int(n_threads), _LANES[0] or _lanes(), F32(softcap), out[u0:u1])
+                    int(n_threads), fa.simd_lanes(), F32(softcap), out[u0:u1])
             run_rows(fa.attend_chunks, args, n_head, work * (u1 - u0))
     return out
-
-
-_LANES = [0]
-
-
-def _lanes() -> int:
-    from ggforge.runtime.kernels.flash_attn import simd_lanes
-
-    _LANES[0] = simd_lanes()
-    return _LANES[0]
 
 
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray, scale: float,

@@ -27,6 +27,8 @@ of llama.cpp does).
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from numba import types
 
@@ -45,6 +47,7 @@ TILE_KV = 64       # GGML_FA_TILE_KV
 SPLIT_MIN_CELLS = 512   # one query over this many cells takes the split path
 
 
+@functools.cache
 def simd_lanes() -> int:
     """ggml's float32 vector width on this CPU: 16 (AVX-512F), else 8 (AVX2)."""
     try:
