@@ -130,7 +130,7 @@ def quantize_cmd(source: str, type_: str, output: str | None, force: bool, metas
 
     overrides = [parse_meta(m) for m in metas]
     if calibrate_text is not None and imatrix_path is not None:
-        raise click.UsageError("--calibrate computes the importance matrix; --imatrix reads one: give one of them")
+        raise ValueError("--calibrate computes the importance matrix; --imatrix reads one: give one of them")
     if calibrate_text is not None:
         imatrix_path = ""    # the mix's imatrix rules apply
     options = MixOptions(output_type=_tensor_type(output_tensor_type),

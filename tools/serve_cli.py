@@ -48,11 +48,11 @@ def serve_cmd(model: str, host: str, port: int, parallel: int, queue_size: int, 
     from ggforge.tools.run_cli import _load
 
     if api_key and api_key_file:
-        raise click.UsageError("give --api-key or --api-key-file, not both")
+        raise ValueError("give --api-key or --api-key-file, not both")
     if api_key_file:
         api_key = Path(api_key_file).read_text().strip()
         if not api_key:
-            raise click.UsageError(f"{api_key_file} is empty: no API key in it")
+            raise ValueError(f"{api_key_file} is empty: no API key in it")
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s: %(message)s")
     if parallel > 1:
         log.warning("--parallel %d: this version generates one request at a time; the others "
